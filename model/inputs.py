@@ -1,0 +1,320 @@
+"""How a document becomes the student's interleaved input and the teacher's all-text input.
+
+A document chunk (segments with text and audio) is cut into alternating **text spans** and
+**speech spans** (SALAD's pre-training style interleaving). The teacher reads every span as text;
+the student reads text spans as token embeddings and each speech span as
+``[begin] adapter vectors [end]``. Every text token that both models predict gives one aligned pair
+of positions: the student position and the teacher position whose next token is that token.
+
+Two stages, so that the expensive part stays vectorised and the data-dependent part is late:
+1. ``interleave`` (per document, CPU, in the collate): choose spans, tokenize each span on its own
+   (so the teacher's tokens are exactly the concatenation of span tokens), cut the speech audio.
+2. ``Layout.build`` (per batch, on the device, after the adapter ran): given the number of vectors
+   each speech span got (data dependent when frames are compressed), compute every position with
+   cumulative sums: no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from shards.format import Chunk
+from train.config import require
+
+TEXT, SPEECH = 0, 1
+
+
+@dataclass
+class InputsConfig:
+    text_words: list[int] = field(default_factory=lambda: [10, 30])    # min, max words per text span
+    speech_words: list[int] = field(default_factory=lambda: [5, 15])   # min, max words per speech span
+    context: int = 2048               # packed row length (student and teacher layouts each)
+    speech_first_prob: float = 0.5    # probability that a document opens with a speech span
+    word_margin_s: float = 0.05       # audio kept around a word-timed speech span
+
+    def __post_init__(self) -> None:
+        for name in ("text_words", "speech_words"):
+            lo_hi = getattr(self, name)
+            require(len(lo_hi) == 2 and 1 <= lo_hi[0] <= lo_hi[1], name, f"must be [min, max] with "
+                    f"1 <= min <= max, got {lo_hi}")
+        require(self.context >= 16, "context", f"must be >= 16, got {self.context}")
+        require(0.0 <= self.speech_first_prob <= 1.0, "speech_first_prob", "must be in [0, 1]")
+        require(self.word_margin_s >= 0, "word_margin_s", "must be >= 0")
+
+
+@dataclass
+class Span:
+    kind: int                       # TEXT or SPEECH
+    ids: list[int]                  # tokens (for speech: the transcript's tokens, what the teacher reads)
+    audio: np.ndarray | None = None  # speech only, float32 at the encoder's rate
+
+
+@dataclass
+class Document:
+    spans: list[Span]
+
+    def lengths(self, vectors_for: Callable[[int], int], bos: bool) -> tuple[int, int]:
+        """(student, teacher) lengths, given the number of adapter vectors for n audio samples."""
+        student = teacher = int(bos)
+        for span in self.spans:
+            teacher += len(span.ids)
+            student += len(span.ids) if span.kind == TEXT else vectors_for(len(span.audio)) + 2
+        return student, teacher
+
+
+def _tokenize(tokenizer, text: str, first: bool) -> list[int]:
+    """Tokens of one span; a leading space keeps word-initial tokens as in running text."""
+    return tokenizer.encode(text if first else " " + text, add_special_tokens=False)
+
+
+_Unit = tuple[str, np.ndarray | None, int, int]   # text, audio of its segment (or None), sample range
+
+
+def _word_units(chunk: Chunk, margin_s: float) -> list[_Unit] | None:
+    """Words with their sample range, when every spoken segment has word timings; else None."""
+    units: list[_Unit] = []
+    for seg in chunk.segments:
+        if seg.audio is None:
+            units.extend((w, None, 0, 0) for w in seg.text.split())
+            continue
+        if not seg.words:
+            return None
+        for word, start, end in seg.words:
+            lo = max(0, int((start - margin_s) * seg.sr))
+            hi = min(len(seg.audio), int(np.ceil((end + margin_s) * seg.sr)))
+            units.append((word, seg.audio, lo, hi))
+    return units
+
+
+def _segment_units(chunk: Chunk) -> list[_Unit]:
+    """Whole segments as units (no word timings): a speech span is one or more whole segments."""
+    return [(seg.text.strip(), seg.audio, 0, 0 if seg.audio is None else len(seg.audio))
+            for seg in chunk.segments if seg.text.strip()]
+
+
+def interleave(chunk: Chunk, tokenizer, cfg: InputsConfig, rng: np.random.Generator) -> Document:
+    """Cut a chunk into alternating text and speech spans with sampled word counts.
+
+    Word timings give word-level spans; without them, spans are whole segments. Units without
+    audio are always text. Consecutive units of one kind merge into one span; the audio of a
+    speech span is cut as one contiguous range per segment (pauses between words kept).
+    """
+    units = _word_units(chunk, cfg.word_margin_s) or _segment_units(chunk)
+    spans: list[tuple[int, list[str], list[list]]] = []   # kind, words, [audio, lo, hi] per segment
+    kind = SPEECH if rng.random() < cfg.speech_first_prob else TEXT
+    budget = 0
+    for text, audio, lo, hi in units:
+        if budget <= 0:
+            kind = TEXT if kind == SPEECH else SPEECH
+            low, high = cfg.speech_words if kind == SPEECH else cfg.text_words
+            budget = int(rng.integers(low, high + 1))
+        unit_kind = kind if audio is not None and hi > lo else TEXT
+        if not spans or spans[-1][0] != unit_kind:
+            spans.append((unit_kind, [], []))
+        spans[-1][1].append(text)
+        if unit_kind == SPEECH:
+            ranges = spans[-1][2]
+            if ranges and ranges[-1][0] is audio:
+                ranges[-1][2] = hi
+            else:
+                ranges.append([audio, lo, hi])
+        budget -= len(text.split())
+    out = []
+    for i, (kind, words, ranges) in enumerate(spans):
+        ids = _tokenize(tokenizer, " ".join(words), first=i == 0)
+        if not ids:
+            continue
+        audio = np.concatenate([a[lo:hi] for a, lo, hi in ranges]).astype(np.float32) if ranges else None
+        out.append(Span(kind, ids, audio))
+    return Document(out)
+
+
+def text_document(chunk: Chunk, tokenizer) -> Document:
+    """All segments as one text span (anti-forgetting text batches, text-mode evaluation)."""
+    text = " ".join(seg.text.strip() for seg in chunk.segments if seg.text.strip())
+    ids = _tokenize(tokenizer, text, first=True)
+    return Document([Span(TEXT, ids)] if ids else [])
+
+
+@dataclass
+class Batch:
+    """Documents packed into rows, as flat per-unit tensors (a unit = one text token or one speech span).
+
+    Units are ordered by row, then by position. ``unit_target`` marks text units that are predicted
+    (every text unit of a document but its first one).
+    """
+
+    unit_row: torch.Tensor       # [U] long
+    unit_kind: torch.Tensor      # [U] long, TEXT or SPEECH
+    unit_token: torch.Tensor     # [U] long, token id (text) or -1
+    unit_span: torch.Tensor      # [U] long, speech span index or -1
+    unit_target: torch.Tensor    # [U] bool
+    span_tokens: torch.Tensor    # [K] long, transcript tokens of all speech spans, concatenated
+    span_token_count: torch.Tensor  # [S] long
+    waves: torch.Tensor          # [S, T] float32, zero padded
+    wave_lengths: torch.Tensor   # [S] long
+    rows: int
+
+    @property
+    def num_speech(self) -> int:
+        return int(self.wave_lengths.numel())
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+
+
+def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: int,
+         bos_id: int | None) -> Batch:
+    """Pack documents into rows of at most ``context`` positions (student and teacher layouts).
+
+    Greedy first fit in order; a document longer than the context is cut at a span boundary (a
+    span that alone overflows is dropped). ``vectors_for(samples)`` is an upper bound of the
+    adapter vectors a speech span gets (exact without compression).
+    """
+    rows: list[list[Document]] = []
+    room: list[tuple[int, int]] = []
+    for doc in docs:
+        doc = _truncate(doc, vectors_for, context, bos_id is not None)
+        if not doc.spans:
+            continue
+        s_len, t_len = doc.lengths(vectors_for, bos_id is not None)
+        for r, (s_used, t_used) in enumerate(room):
+            if s_used + s_len <= context and t_used + t_len <= context:
+                rows[r].append(doc)
+                room[r] = (s_used + s_len, t_used + t_len)
+                break
+        else:
+            rows.append([doc])
+            room.append((s_len, t_len))
+    unit_row, unit_kind, unit_token, unit_span, unit_target = [], [], [], [], []
+    span_tokens: list[int] = []
+    span_count, waves = [], []
+    for r, row_docs in enumerate(rows):
+        for doc in row_docs:
+            first = True
+            if bos_id is not None:
+                unit_row.append(r), unit_kind.append(TEXT), unit_token.append(bos_id)
+                unit_span.append(-1), unit_target.append(False)
+            for span in doc.spans:
+                if span.kind == TEXT:
+                    n = len(span.ids)
+                    unit_row += [r] * n
+                    unit_kind += [TEXT] * n
+                    unit_token += span.ids
+                    unit_span += [-1] * n
+                    unit_target += [not (first and i == 0 and bos_id is None) for i in range(n)]
+                else:
+                    unit_row.append(r), unit_kind.append(SPEECH), unit_token.append(-1)
+                    unit_span.append(len(waves)), unit_target.append(False)
+                    span_tokens += span.ids
+                    span_count.append(len(span.ids))
+                    waves.append(span.audio)
+                first = False
+    longest = max((len(w) for w in waves), default=0)
+    wave_tensor = torch.zeros(len(waves), longest)
+    for i, w in enumerate(waves):
+        wave_tensor[i, : len(w)] = torch.from_numpy(w)
+    long = torch.long
+    return Batch(
+        unit_row=torch.tensor(unit_row, dtype=long), unit_kind=torch.tensor(unit_kind, dtype=long),
+        unit_token=torch.tensor(unit_token, dtype=long), unit_span=torch.tensor(unit_span, dtype=long),
+        unit_target=torch.tensor(unit_target, dtype=torch.bool),
+        span_tokens=torch.tensor(span_tokens, dtype=long), span_token_count=torch.tensor(span_count, dtype=long),
+        waves=wave_tensor, wave_lengths=torch.tensor([len(w) for w in waves], dtype=long), rows=len(rows))
+
+
+def _truncate(doc: Document, vectors_for: Callable[[int], int], context: int, bos: bool) -> Document:
+    spans: list[Span] = []
+    for span in doc.spans:
+        candidate = Document(spans + [span])
+        if max(candidate.lengths(vectors_for, bos)) > context:
+            break
+        spans.append(span)
+    return Document(spans)
+
+
+def _row_starts(lengths: torch.Tensor, unit_row: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start of every unit within its row, and each row's total length (exclusive cumsum per row)."""
+    ends = torch.cumsum(lengths, 0)
+    starts = ends - lengths
+    totals = torch.zeros(rows, dtype=lengths.dtype, device=lengths.device).index_add_(0, unit_row, lengths)
+    row_offset = torch.cumsum(totals, 0) - totals
+    return starts - row_offset[unit_row], totals
+
+
+def _offsets_within(counts: torch.Tensor) -> torch.Tensor:
+    """[0..c0-1, 0..c1-1, ...]: the index of each element within its group."""
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(starts, counts)
+
+
+@dataclass
+class Layout:
+    """Positions of both layouts for one batch, given the adapter vectors per speech span."""
+
+    student_len: int
+    teacher_len: int
+    student_mask: torch.Tensor     # [B, Ts] bool, valid positions
+    teacher_mask: torch.Tensor     # [B, Tt] bool
+    teacher_ids: torch.Tensor      # [B, Tt] long (0 at padding)
+    text_row: torch.Tensor         # [Nt] rows of student text positions
+    text_pos: torch.Tensor         # [Nt]
+    text_token: torch.Tensor       # [Nt]
+    begin_pos: torch.Tensor        # [S] (rows in span_row)
+    end_pos: torch.Tensor          # [S]
+    span_row: torch.Tensor         # [S]
+    vector_row: torch.Tensor       # [sum n] rows of speech vectors
+    vector_pos: torch.Tensor       # [sum n]
+    map_row: torch.Tensor          # [M] aligned pairs: row,
+    map_student: torch.Tensor      # [M] student position and
+    map_teacher: torch.Tensor      # [M] teacher position that predict
+    map_target: torch.Tensor       # [M] this token
+
+    @staticmethod
+    def build(batch: Batch, vectors: torch.Tensor) -> Layout:
+        """``vectors[s]`` = number of adapter vectors speech span s got."""
+        kind, span = batch.unit_kind, batch.unit_span
+        is_speech = kind == SPEECH
+        safe_span = span.clamp(min=0)
+        ones = torch.ones_like(kind)
+        s_len = torch.where(is_speech, vectors[safe_span] + 2, ones) if batch.num_speech else ones
+        t_len = torch.where(is_speech, batch.span_token_count[safe_span], ones) if batch.num_speech else ones
+        s_start, s_total = _row_starts(s_len, batch.unit_row, batch.rows)
+        t_start, t_total = _row_starts(t_len, batch.unit_row, batch.rows)
+        student_len, teacher_len = int(s_total.max()), int(t_total.max())
+        device = kind.device
+        student_mask = torch.arange(student_len, device=device)[None] < s_total[:, None]
+        teacher_mask = torch.arange(teacher_len, device=device)[None] < t_total[:, None]
+
+        teacher_ids = torch.zeros(batch.rows, teacher_len, dtype=torch.long, device=device)
+        text = ~is_speech
+        teacher_ids[batch.unit_row[text], t_start[text]] = batch.unit_token[text]
+        sp_units = torch.nonzero(is_speech).squeeze(1)
+        sp_order = span[sp_units]                           # speech units in span order
+        sp_units = sp_units[torch.argsort(sp_order)]
+        span_row = batch.unit_row[sp_units]
+        count = batch.span_token_count
+        tok_row = torch.repeat_interleave(span_row, count)
+        tok_offset = _offsets_within(count)
+        teacher_ids[tok_row, torch.repeat_interleave(t_start[sp_units], count) + tok_offset] = batch.span_tokens
+
+        begin_pos = s_start[sp_units]
+        end_pos = begin_pos + vectors + 1
+        vector_row = torch.repeat_interleave(span_row, vectors)
+        vec_offset = _offsets_within(vectors)
+        vector_pos = torch.repeat_interleave(begin_pos + 1, vectors) + vec_offset
+
+        target = torch.nonzero(batch.unit_target).squeeze(1)
+        prev = target - 1
+        return Layout(
+            student_len=student_len, teacher_len=teacher_len, student_mask=student_mask,
+            teacher_mask=teacher_mask, teacher_ids=teacher_ids,
+            text_row=batch.unit_row[text], text_pos=s_start[text], text_token=batch.unit_token[text],
+            begin_pos=begin_pos, end_pos=end_pos, span_row=span_row,
+            vector_row=vector_row, vector_pos=vector_pos,
+            map_row=batch.unit_row[target], map_student=s_start[prev] + s_len[prev] - 1,
+            map_teacher=t_start[target] - 1, map_target=batch.unit_token[target])

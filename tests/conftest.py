@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny tokenizer and LM built offline once per session."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+torch.set_num_threads(1)
+
+CORPUS = [
+    "the cat sat on the mat and looked at the red ball",
+    "a dog ran to the park with seven friends from the city",
+    "numbers one two three four five six seven eight nine ten",
+    "the quick brown fox jumps over the lazy dog near the river",
+    "alice met bob in paris and they ate bread with cheese",
+] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """Folder with a saved tiny Qwen2-style LM and its BPE tokenizer."""
+    from toy.tiny import tiny_llm, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny_llm")
+    tokenizer = train_tokenizer(CORPUS, out, vocab_size=300)
+    tiny_llm(tokenizer, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_dir))

@@ -1,0 +1,190 @@
+"""Distillation KL, next-token NLL and the diagnostics M (misalignment) and F (forgetting).
+
+Why chunked: Qwen2.5's vocabulary has 152k entries, so logits for a whole batch ([batch, time, vocab])
+do not fit. Callers gather the hidden states at the positions that matter ([N, H]) and pass *heads*:
+callables hidden [n, H] -> logits [n, V], usually the LLM's ``lm_head`` module. Every loss here runs
+the head on at most ``chunk_size`` rows at a time and, when autograd is on, checkpoints each chunk
+(``torch.utils.checkpoint``, non-reentrant), so backward recomputes that chunk's logits instead of
+keeping them: peak memory is O(chunk_size x V) in forward and in backward.
+
+Contract for heads:
+- Call the module, never read ``head.weight``: under DeepSpeed ZeRO-3 the weight is partitioned and
+  only gathered inside the module's forward. Trainable parameters inside the head (full fine-tuning,
+  LoRA on ``lm_head``) receive their gradients through autograd as usual.
+- A head is called again during backward (recompute), outside any context manager active around the
+  loss call. It must give the same logits then: a teacher that is "the student with LoRA adapters
+  disabled" must disable them inside the callable, not around the loss call.
+- Under ZeRO-3 every head call is a collective (it all-gathers the weight); pass ``sync_ranks=True`` so
+  that all ranks make the same number of head calls even when their N differ (one all-reduce of the
+  chunk count per loss call).
+
+All log-probabilities are taken in at least float32, whatever the head's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+Head = Callable[[Tensor], Tensor]
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _num_chunks(n: int, chunk_size: int, sync_ranks: bool, device: torch.device) -> int:
+    """At least one chunk (so every rank calls the head even with N = 0); the max over ranks if synced."""
+    count = max(1, -(-n // chunk_size))
+    if sync_ranks and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        total = torch.tensor(count, device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        count = int(total.item())
+    return count
+
+
+def _chunked_rows(fn: Callable[..., Tensor], rows: tuple[Tensor, ...], chunk_size: int,
+                  sync_ranks: bool) -> Tensor:
+    """The core every loss shares: ``fn`` maps row chunks of ``rows`` to one value per row.
+
+    Chunks hold at most ``chunk_size`` rows. With autograd on, each chunk is checkpointed, so only its
+    inputs are kept and backward recomputes its logits one chunk at a time.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
+    n_chunks = _num_chunks(rows[0].shape[0], chunk_size, sync_ranks, rows[0].device)
+    run = partial(checkpoint, fn, use_reentrant=False) if torch.is_grad_enabled() else fn
+    return torch.cat([run(*part) for part in zip(*(r.tensor_split(n_chunks) for r in rows), strict=True)])
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
+    return F.log_softmax(logits, dim=-1)
+
+
+def _kl_rows(p_hidden: Tensor, q_hidden: Tensor, p_head: Head, q_head: Head, temperature: float,
+             detach_p: bool) -> Tensor:
+    """KL(p || q) per row, summed over the vocabulary."""
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_p):
+        p_logp = _log_probs(p_head(p_hidden), temperature)
+    q_logp = _log_probs(q_head(q_hidden), temperature)
+    return F.kl_div(q_logp, p_logp, reduction="none", log_target=True).sum(-1)
+
+
+def _nll_rows(hidden: Tensor, targets: Tensor, head: Head) -> Tensor:
+    logits = head(hidden)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets,
+                           reduction="none")
+
+
+def _reduce(values: Tensor, reduction: str, weights: Tensor | None) -> Tensor:
+    """Mean is the (weighted) mean over rows, 0 when there are no rows (or all weights are 0)."""
+    if reduction == "none":
+        return values
+    if weights is not None:
+        values = values * weights.to(values.dtype)
+    total = values.sum()
+    if reduction == "sum":
+        return total
+    count = weights.sum().to(values.dtype) if weights is not None else values.new_tensor(values.numel())
+    return total / count.clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def _rows(hidden: Tensor, name: str) -> Tensor:
+    if hidden.dim() < 2:
+        raise ValueError(f"{name}: expected [..., hidden] with at least 2 dims, got shape {tuple(hidden.shape)}")
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def chunked_kl(p_hidden: Tensor, q_hidden: Tensor, p_head: Head, q_head: Head, temperature: float = 1.0,
+               chunk_size: int = 1024, reduction: str = "mean", weights: Tensor | None = None, *,
+               scale_t2: bool = True, detach_p: bool = False, sync_ranks: bool = False) -> Tensor:
+    """KL(p || q) summed over the vocabulary at each position, then reduced over positions.
+
+    ``p_hidden`` and ``q_hidden`` are [..., H] with the same leading shape; position i of one is compared
+    with position i of the other. Both sides use logits / ``temperature``; with ``scale_t2`` the KL is
+    multiplied by T^2 (Hinton et al.), which keeps gradient magnitudes independent of T (a no-op at T=1).
+    Gradients reach whatever requires grad on both sides (both are the student for a trainable M);
+    ``detach_p`` runs the p side without autograd (a teacher). ``reduction``: "mean" (weighted by
+    ``weights`` when given: sum(w * kl) / sum(w)), "sum" (of w * kl), or "none" (per position, shaped
+    like the leading dims, unweighted).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
+        raise ValueError(f"p_hidden {tuple(p_hidden.shape)} and q_hidden {tuple(q_hidden.shape)}: "
+                         "leading (position) dims differ")
+    if weights is not None and weights.shape != q_hidden.shape[:-1]:
+        raise ValueError(f"weights: shape {tuple(weights.shape)} must equal the positions' shape "
+                         f"{tuple(q_hidden.shape[:-1])}")
+    fn = partial(_kl_rows, p_head=p_head, q_head=q_head, temperature=temperature, detach_p=detach_p)
+    if detach_p:
+        p_hidden = p_hidden.detach()
+    kl = _chunked_rows(fn, (_rows(p_hidden, "p_hidden"), _rows(q_hidden, "q_hidden")), chunk_size, sync_ranks)
+    if scale_t2 and temperature != 1.0:
+        kl = kl * temperature**2
+    if weights is not None:
+        weights = weights.reshape(-1)
+    out = _reduce(kl, reduction, weights)
+    return out.reshape(q_hidden.shape[:-1]) if reduction == "none" else out
+
+
+def distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_head: Head, teacher_head: Head,
+                      temperature: float = 1.0, chunk_size: int = 1024, *, weights: Tensor | None = None,
+                      scale_t2: bool = True, sync_ranks: bool = False) -> Tensor:
+    """L_dist = mean KL(teacher || student) over mapped positions; the teacher side gets no gradient."""
+    return chunked_kl(teacher_hidden, student_hidden, teacher_head, student_head, temperature, chunk_size,
+                      "mean", weights, scale_t2=scale_t2, detach_p=True, sync_ranks=sync_ranks)
+
+
+def nll_loss(hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024, ignore_index: int = -100,
+             *, sync_ranks: bool = False) -> Tensor:
+    """Mean cross entropy of ``head(hidden[i])`` against ``targets[i]`` (already shifted: row i predicts
+    targets[i]). Rows whose target is ``ignore_index`` are dropped before the head runs; with no row
+    left the loss is 0 (not NaN, which would poison a training step)."""
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets: shape {tuple(targets.shape)} must equal hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
+    hidden, targets = _rows(hidden, "hidden"), targets.reshape(-1)
+    keep = targets != ignore_index
+    losses = _chunked_rows(partial(_nll_rows, head=head), (hidden[keep], targets[keep]), chunk_size, sync_ranks)
+    return _reduce(losses, "mean", None)
+
+
+def combine(dist: Tensor | None, nll: Tensor | None, alpha: float) -> Tensor:
+    """alpha * dist + (1 - alpha) * nll. A term whose weight is 0 may be None (not computed at all: SALAD
+    uses alpha = 1, so the NLL pass over the vocabulary can be skipped)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
+    if alpha == 1.0 and dist is not None:
+        return dist
+    if alpha == 0.0 and nll is not None:
+        return nll
+    if dist is None or nll is None:
+        raise ValueError(f"combine: alpha={alpha} needs both dist and nll, got "
+                         f"dist={'None' if dist is None else 'tensor'}, nll={'None' if nll is None else 'tensor'}")
+    return alpha * dist + (1.0 - alpha) * nll
+
+
+@torch.no_grad()
+def misalignment(student_text_hidden: Tensor, student_speech_hidden: Tensor, head: Head, chunk_size: int = 1024,
+                 reduction: str = "mean", *, sync_ranks: bool = False) -> Tensor:
+    """M = mean over aligned positions of KL(student(. | text) || student(. | speech)), at T = 1.
+    ``reduction="none"`` gives per-position values (per-document or per-cluster means)."""
+    return chunked_kl(student_text_hidden, student_speech_hidden, head, head, 1.0, chunk_size, reduction,
+                      sync_ranks=sync_ranks)
+
+
+@torch.no_grad()
+def forgetting(teacher_text_hidden: Tensor, student_text_hidden: Tensor, teacher_head: Head, student_head: Head,
+               chunk_size: int = 1024, reduction: str = "mean", *, sync_ranks: bool = False) -> Tensor:
+    """F = mean over text positions of KL(teacher(. | text) || student(. | text)), at T = 1."""
+    return chunked_kl(teacher_text_hidden, student_text_hidden, teacher_head, student_head, 1.0, chunk_size,
+                      reduction, sync_ranks=sync_ranks)
