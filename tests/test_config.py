@@ -5,7 +5,8 @@ from typing import Literal
 
 import pytest
 
-from train.config import ConfigError, ExperimentConfig, from_dict, load_config, require, split_overrides
+from train.config import ConfigError, from_dict, require, split_overrides
+from train.experiment import ExperimentConfig, load_experiment
 
 
 @dataclass
@@ -32,11 +33,11 @@ def write(tmp_path, text):
 
 
 def test_defaults_and_types(tmp_path):
-    cfg = load_config(write(tmp_path, "run: {name: exp1}\nseed: 7\n"))
+    cfg = load_experiment(write(tmp_path, "run: {name: exp1}\nseed: 7\n"))
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.run.name == "exp1" and cfg.run.dir == "runs" and cfg.seed == 7
     assert str(cfg.run.path()) == "runs/exp1"
-    assert load_config(None).run.name == "default"
+    assert load_experiment(None).run.name == "default"
 
 
 def test_int_promotes_to_float_and_nested_dataclass():
@@ -48,7 +49,7 @@ def test_int_promotes_to_float_and_nested_dataclass():
 def test_unknown_key_names_key_and_file(tmp_path):
     path = write(tmp_path, "run: {name: a, nmae: b}\n")
     with pytest.raises(ConfigError) as exc:
-        load_config(path)
+        load_experiment(path)
     assert str(path) in str(exc.value) and "run.nmae" in str(exc.value) and "unknown key" in str(exc.value)
 
 
@@ -68,25 +69,25 @@ def test_bad_values_name_the_key(data, key):
 
 def test_overrides_parse_yaml_values(tmp_path):
     path = write(tmp_path, "run: {name: a}\n")
-    cfg = load_config(path, ["seed=3", "run.name=b", "run.dir=/tmp/runs"])
+    cfg = load_experiment(path, ["seed=3", "run.name=b", "run.dir=/tmp/runs"])
     assert (cfg.seed, cfg.run.name, cfg.run.dir) == (3, "b", "/tmp/runs")
     with pytest.raises(ConfigError, match="seed: expected an integer"):
-        load_config(path, ["seed=abc"])
+        load_experiment(path, ["seed=abc"])
     with pytest.raises(ConfigError, match="run.bogus: unknown key"):
-        load_config(path, ["run.bogus=1"])
+        load_experiment(path, ["run.bogus=1"])
     with pytest.raises(ConfigError, match="expected key.sub=value"):
-        load_config(path, ["run..name=1"])
+        load_experiment(path, ["run..name=1"])
 
 
 def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config(tmp_path / "missing.yaml")
+        load_experiment(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_config(write(tmp_path, "run: [unclosed\n"))
+        load_experiment(write(tmp_path, "run: [unclosed\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
-        load_config(write(tmp_path, "- a\n- b\n"))
+        load_experiment(write(tmp_path, "- a\n- b\n"))
     with pytest.raises(ConfigError, match="run.name: must be a plain folder name"):
-        load_config(write(tmp_path, "run: {name: ../x}\n"))
+        load_experiment(write(tmp_path, "run: {name: ../x}\n"))
 
 
 def test_split_overrides():

@@ -5,8 +5,9 @@ compute, with a message that names the key and the file it came from. Every entr
 overrides as ``key.sub=value`` (the value is parsed as YAML, so ``3``, ``1e-3``, ``true`` and
 ``[a, b]`` mean what they look like).
 
-Each folder owns the dataclass of its own section (``shards.stream.StreamConfig``, ...); this module
-composes them into ``ExperimentConfig`` and owns the generic loading and checking.
+Each folder owns the dataclass of its own section (``shards.stream.StreamConfig``, ...);
+``train.experiment`` composes them. This module owns the generic loading and checking and imports
+nothing of the project, so every folder can use ``require`` in its own dataclasses.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-
-from shards.stream import StreamConfig
 
 T = TypeVar("T")
 
@@ -47,13 +46,6 @@ class RunConfig:
     def path(self) -> Path:
         """Folder of this run: ``<dir>/<name>``."""
         return Path(self.dir) / self.name
-
-
-@dataclass
-class ExperimentConfig:
-    run: RunConfig = field(default_factory=RunConfig)
-    seed: int = 0
-    stream: StreamConfig = field(default_factory=StreamConfig)
 
 
 def _type_name(tp: Any) -> str:
@@ -162,8 +154,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None,
-                cls: type[T] = ExperimentConfig) -> T:
+def load_config(path: str | Path | None, cls: type[T], overrides: list[str] | None = None) -> T:
     """Load a YAML config (or the defaults when ``path`` is None) with command-line overrides."""
     source = str(path) if path is not None else "defaults"
     data: Any = {}

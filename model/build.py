@@ -1,0 +1,108 @@
+"""Build a SpeechLM from config: LLM from a local path, LoRA via peft, the freeze policy."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from model.adapter import Adapter, AdapterConfig
+from model.encoder import EncoderConfig, build_encoder
+from model.speech_lm import SpeechLM
+from train.config import from_dict, require
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LLMConfig:
+    path: str = ""                                     # local folder readable by from_pretrained
+    mode: Literal["frozen", "lora", "full"] = "lora"   # what of the LLM trains
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def __post_init__(self) -> None:
+        require(bool(self.path), "path", "a local model folder is required")
+        require(self.lora_r > 0, "lora_r", "must be positive")
+        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig(path="assets/smoke/llm"))
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    gradient_checkpointing: bool = False
+
+
+def load_tokenizer(cfg: ModelConfig):
+    return AutoTokenizer.from_pretrained(cfg.llm.path)
+
+
+def load_llm(cfg: LLMConfig) -> torch.nn.Module:
+    """The causal LM from its local folder (under ZeRO-3 the caller's context partitions it on load)."""
+    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def build_speech_lm(cfg: ModelConfig) -> SpeechLM:
+    """LLM + frozen encoder + new adapter, with the LLM trained as ``cfg.llm.mode`` says."""
+    llm = load_llm(cfg.llm)
+    teacher = None
+    if cfg.llm.mode == "full":
+        teacher = _frozen(copy.deepcopy(llm))
+    elif cfg.llm.mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        _frozen(llm)
+        lora = LoraConfig(r=cfg.llm.lora_r, lora_alpha=cfg.llm.lora_alpha, lora_dropout=cfg.llm.lora_dropout,
+                          target_modules=cfg.llm.lora_targets, bias="none")
+        llm = get_peft_model(llm, lora)
+    else:
+        _frozen(llm)
+    if cfg.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    encoder = build_encoder(cfg.encoder)
+    hidden = llm.get_input_embeddings().embedding_dim
+    adapter = Adapter(cfg.adapter, in_dim=encoder.dim, out_dim=hidden).to(DTYPES[cfg.llm.dtype])
+    if cfg.gradient_checkpointing:
+        adapter.set_gradient_checkpointing(True)
+    model = SpeechLM(llm, encoder, adapter, teacher=teacher)
+    model.boundary.data = model.boundary.data.to(DTYPES[cfg.llm.dtype])
+    return model
+
+
+def load_export(folder: str | Path) -> tuple[SpeechLM, object]:
+    """A model directory written by ``train.export``: plain torch + transformers, no DeepSpeed."""
+    folder = Path(folder)
+    config_path = folder / "speech_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not an exported SpeechLM directory")
+    config = json.loads(config_path.read_text())
+    encoder_cfg = from_dict(EncoderConfig, config["encoder"], "encoder")
+    if encoder_cfg.path:
+        encoder_cfg.path = str(folder / encoder_cfg.path)
+    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"))
+    encoder = build_encoder(encoder_cfg)
+    adapter = Adapter(from_dict(AdapterConfig, config["adapter"], "adapter"), in_dim=encoder.dim,
+                      out_dim=llm.get_input_embeddings().embedding_dim)
+    model = _frozen(SpeechLM(llm, encoder, adapter))
+    weights = load_file(str(folder / "speech.safetensors"))
+    model.adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in weights.items() if k != "boundary"})
+    model.boundary.data.copy_(weights["boundary"])
+    return model, AutoTokenizer.from_pretrained(str(folder / "llm"))

@@ -1,0 +1,434 @@
+"""Offline shard builder: ``python -m shards.build --input PATH --out DIR [...]``.
+
+Why it is planned first: reading the input lists (``shards.sources``) is cheap, so the ordered list
+of chunks (the plan) is fixed before any audio is touched. Worker processes then read, resample and
+encode chunks in plan order (ordered ``imap``), and the main process rolls shards by size. Output
+therefore depends only on the input and the settings, never on ``--workers`` or timing.
+
+Why it resumes: after each ``shard-NNNNNN.tar`` a sidecar ``shard-NNNNNN.json`` records the plan
+fingerprint, the range of plan chunks the shard consumed, its sha256 and the rejects found while
+encoding it. A re-run trusts the longest prefix of shards whose tar matches its sidecar and goes on
+from there; ``index.json`` is written last, so its presence means the build is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import re
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shards import sources
+from shards.format import (
+    FORMAT_VERSION,
+    INDEX_NAME,
+    REJECTS_NAME,
+    Chunk,
+    Segment,
+    _tar_bytes,
+    atomic_write_bytes,
+    atomic_write_json,
+    encode_chunk,
+    safe_key,
+)
+from shards.sources import Record, Rejected
+from shards.tts import TTS, TTSConfig, TTSError, make_tts
+
+BUILDER_VERSION = 1
+_SHARD_FILE = re.compile(r"shard-(\d{6})\.(tar|json)")
+_TEMP_FILE = re.compile(r"\.(shard-\d{6}\.(tar|json)|index\.json|rejects\.jsonl)\..*\.tmp")
+_TAR_BLOCK = 512
+
+
+class BuildError(RuntimeError):
+    """A problem with the whole build (no input, nothing usable): reported as one line, exit 1."""
+
+
+@dataclass
+class BuildConfig:
+    input: Path
+    out: Path
+    sr: int = 16000
+    format: str = "auto"
+    tts: TTSConfig | None = None
+    workers: int = 1
+    shard_size_mb: float = 256.0
+    max_seconds: float | None = None
+    chunk_segments: int = 16
+    source: str = ""
+    lang: str = "en"
+    seed: int = 0
+
+
+@dataclass
+class PlannedChunk:
+    """One future sample: consecutive segments of one doc; ``first`` is the plan-wide segment index."""
+
+    index: int
+    key: str
+    doc: str
+    first: int
+    records: list[Record]
+
+
+@dataclass
+class ChunkResult:
+    """A planned chunk after its audio was read: the encoded sample (None if all rejected) and rejects."""
+
+    index: int
+    doc: str
+    sample: dict[str, Any] | None
+    segments: int
+    seconds: float
+    rejects: list[tuple[str, str]]
+
+
+def make_plan(records: list[Record], chunk_segments: int) -> list[PlannedChunk]:
+    """Accepted records grouped by doc (docs in order of first appearance, segments by pos) into chunks."""
+    docs: dict[str, list[Record]] = {}
+    for rec in records:
+        if rec.reject is None:
+            docs.setdefault(rec.doc, []).append(rec)
+    plan: list[PlannedChunk] = []
+    first = 0
+    for doc, base in zip(docs, _doc_bases(docs), strict=True):
+        recs = sorted(docs[doc], key=lambda r: r.pos)
+        for i in range(0, len(recs), chunk_segments):
+            part = recs[i:i + chunk_segments]
+            plan.append(PlannedChunk(len(plan), f"{base}-{i // chunk_segments:05d}", doc, first, part))
+            first += len(part)
+    return plan
+
+
+def _doc_bases(docs: Iterable[str]) -> list[str]:
+    """A distinct key prefix per doc (safe_key can map two docs to one string: add a hash then)."""
+    bases, used = [], set()
+    for doc in docs:
+        base, attempt = safe_key(doc), 0
+        while base in used:
+            attempt += 1
+            base = safe_key(f"{doc}-{hashlib.sha1(f'{attempt}:{doc}'.encode()).hexdigest()[:8]}")
+        used.add(base)
+        bases.append(base)
+    return bases
+
+
+def fingerprint(plan: list[PlannedChunk], cfg: BuildConfig) -> str:
+    """Everything that decides the output bytes (not --workers): a shard is reused only if this matches."""
+    settings = {"builder_version": BUILDER_VERSION, "format_version": FORMAT_VERSION, "sr": cfg.sr,
+                "tts": asdict(cfg.tts) if cfg.tts else None, "shard_size_mb": cfg.shard_size_mb,
+                "max_seconds": cfg.max_seconds, "source": cfg.source, "lang": cfg.lang, "seed": cfg.seed}
+    blob = json.dumps([settings, [asdict(c) for c in plan]], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+@dataclass
+class _Worker:
+    cfg: BuildConfig
+    tts: TTS | None
+
+
+_worker: _Worker | None = None
+
+
+def _init_worker(cfg: BuildConfig, tts: TTS | None) -> None:
+    global _worker
+    torch.set_num_threads(1)  # one process per core already
+    _worker = _Worker(cfg, tts)
+
+
+def _process_chunk(task: PlannedChunk) -> ChunkResult:
+    """Read (or synthesize) every segment of a chunk and encode the chunk as one sample."""
+    assert _worker is not None, "worker was not initialised"
+    segments, rejects = [], []
+    for i, rec in enumerate(task.records):
+        try:
+            segments.append(_segment(rec, task.first + i))
+        except Rejected as exc:
+            rejects.append((rec.input, exc.reason))
+    cfg = _worker.cfg
+    chunk = Chunk(key=task.key, doc=task.doc, source=cfg.source, lang=cfg.lang, segments=segments)
+    return ChunkResult(task.index, task.doc, encode_chunk(chunk) if segments else None, len(segments),
+                       chunk.seconds, rejects)
+
+
+def _segment(rec: Record, index: int) -> Segment:
+    """One segment at the target rate: audio from its file, synthesized speech, or text only."""
+    assert _worker is not None
+    cfg, tts = _worker.cfg, _worker.tts
+    if rec.audio is not None:
+        audio = sources.load_audio(rec, cfg.sr, cfg.max_seconds)
+    elif tts is not None:
+        try:
+            audio = tts.synthesize(rec.text, variant=cfg.seed + index)
+        except TTSError:
+            raise Rejected(sources.TTS_FAILED) from None
+        sources.check_audio(audio, cfg.sr, cfg.max_seconds)
+    else:
+        return Segment(rec.text, words=rec.words)
+    return Segment(rec.text, audio=audio, sr=cfg.sr, words=rec.words)
+
+
+def _results(plan: list[PlannedChunk], cfg: BuildConfig, tts: TTS | None) -> Iterator[ChunkResult]:
+    """Processed chunks in plan order; with --workers > 1 from a pool of fresh (spawned) processes."""
+    if cfg.workers <= 1 or len(plan) <= 1:
+        _init_worker(cfg, tts)
+        yield from map(_process_chunk, plan)
+        return
+    ctx = mp.get_context("spawn")  # not fork: the parent may hold OpenMP/rich threads
+    with ctx.Pool(min(cfg.workers, len(plan)), initializer=_init_worker, initargs=(cfg, tts)) as pool:
+        yield from pool.imap(_process_chunk, plan)
+
+
+# ----------------------------------------------------------------------------- shards on disk
+
+def shard_name(n: int, ext: str = "tar") -> str:
+    return f"shard-{n:06d}.{ext}"
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sample_bytes(sample: dict[str, Any]) -> int:
+    """Bytes a sample takes in a tar: a header block per member plus its data padded to blocks."""
+    sizes = [len(v) for k, v in sample.items() if k != "__key__"]
+    return sum(_TAR_BLOCK + -(-n // _TAR_BLOCK) * _TAR_BLOCK for n in sizes)
+
+
+def trusted_shards(out: Path, fp: str) -> list[dict[str, Any]]:
+    """Sidecars of the longest run of shards from 0 that belong to this plan and match their tar."""
+    trusted: list[dict[str, Any]] = []
+    next_chunk = 0
+    while True:
+        n = len(trusted)
+        tar, side = out / shard_name(n), out / shard_name(n, "json")
+        try:
+            meta = json.loads(side.read_text())
+        except (OSError, ValueError):
+            return trusted
+        if (not isinstance(meta, dict) or meta.get("fingerprint") != fp
+                or meta.get("first_chunk") != next_chunk or not tar.is_file()
+                or _sha256_file(tar) != meta.get("sha256")):
+            return trusted
+        trusted.append(meta)
+        next_chunk = meta["next_chunk"]
+
+
+@dataclass
+class ShardWriter:
+    """Collects processed chunks in plan order and writes a shard (tar, then sidecar) once it is full."""
+
+    out: Path
+    max_bytes: int
+    fp: str
+    shard: int
+    next_chunk: int
+    written: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    docs: list[str] = field(default_factory=list)
+    rejects: list[tuple[str, str]] = field(default_factory=list)
+    segments: int = 0
+    seconds: float = 0.0
+    size: int = 0
+    first_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        self.first_chunk = self.next_chunk
+
+    def add(self, result: ChunkResult) -> None:
+        self.next_chunk = result.index + 1
+        self.rejects.extend(result.rejects)
+        if result.sample is not None:
+            self.samples.append(result.sample)
+            self.docs.append(result.doc)
+            self.segments += result.segments
+            self.seconds += result.seconds
+            self.size += _sample_bytes(result.sample)
+        if self.size >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending chunks as the next shard; rejects of trailing empty chunks stay pending."""
+        if not self.samples:
+            return
+        data = _tar_bytes(self.samples)
+        atomic_write_bytes(self.out / shard_name(self.shard), data)
+        meta = {"fingerprint": self.fp, "first_chunk": self.first_chunk, "next_chunk": self.next_chunk,
+                "url": shard_name(self.shard), "keys": [s["__key__"] for s in self.samples],
+                "docs": list(dict.fromkeys(self.docs)), "segments": self.segments,
+                "seconds": round(self.seconds, 3), "sha256": hashlib.sha256(data).hexdigest(),
+                "rejects": [list(r) for r in self.rejects]}
+        atomic_write_json(self.out / shard_name(self.shard, "json"), meta)
+        self.written.append(meta)
+        self.shard += 1
+        self.first_chunk = self.next_chunk
+        self.samples, self.docs, self.rejects = [], [], []
+        self.segments, self.seconds, self.size = 0, 0.0, 0
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomic write that leaves an identical file (and its mtime) alone."""
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write_bytes(path, data)
+
+
+def _remove_stale(out: Path, n_shards: int) -> None:
+    """Drop temp files of killed writes and shards past the end (left by an earlier, larger build)."""
+    for path in out.iterdir():
+        m = _SHARD_FILE.fullmatch(path.name)
+        if (m and int(m.group(1)) >= n_shards) or _TEMP_FILE.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+
+
+def make_index(cfg: BuildConfig, fp: str, shards: list[dict[str, Any]], rejects: list[tuple[str, str]]) -> dict:
+    counts = Counter(reason for _, reason in rejects)
+    return {"format_version": FORMAT_VERSION, "builder_version": BUILDER_VERSION, "source": cfg.source,
+            "sr": cfg.sr, "fingerprint": fp,
+            "shards": [{"url": s["url"], "chunks": len(s["keys"]), "docs": len(s["docs"]),
+                        "segments": s["segments"], "seconds": s["seconds"], "sha256": s["sha256"]}
+                       for s in shards],
+            "docs": len({d for s in shards for d in s["docs"]}),
+            "segments": sum(s["segments"] for s in shards),
+            "seconds": round(sum(s["seconds"] for s in shards), 3),
+            "rejects": dict(sorted(counts.items()))}
+
+
+# ----------------------------------------------------------------------------- the build
+
+def build(cfg: BuildConfig, console: Console | None = None) -> dict[str, Any]:
+    """Build (or finish, or confirm) the shard set in ``cfg.out``; returns its index."""
+    console = console or Console(stderr=True)
+    if not cfg.input.exists():
+        raise BuildError(f"--input {cfg.input}: no such file or directory")
+    fmt = sources.detect_format(cfg.input) if cfg.format == "auto" else cfg.format
+    cfg = replace(cfg, source=cfg.source or cfg.input.stem)
+    records = sources.read_records(cfg.input, fmt)
+    if not records:
+        raise BuildError(f"--input {cfg.input}: no inputs found (read as {fmt})")
+    tts = make_tts(cfg.tts, cfg.sr) if cfg.tts and fmt == "text" else None
+    plan = make_plan(records, cfg.chunk_segments)
+    fp = fingerprint(plan, cfg)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    done = trusted_shards(cfg.out, fp)
+    index_path = cfg.out / INDEX_NAME
+    old = json.loads(index_path.read_text()) if index_path.is_file() else None
+    if old is not None and old.get("fingerprint") == fp and old["shards"] == make_index(cfg, fp, done, [])["shards"]:
+        return old  # complete and unchanged: touch nothing
+    index_path.unlink(missing_ok=True)  # the set is about to change: it is incomplete until the end
+    _remove_stale(cfg.out, len(done))
+    writer = ShardWriter(cfg.out, int(cfg.shard_size_mb * 2**20), fp, len(done),
+                         done[-1]["next_chunk"] if done else 0)
+    _run(plan, writer, cfg, tts, console)
+    shards = done + writer.written
+    rejects = ([(r.input, r.reject) for r in records if r.reject]
+               + [tuple(r) for s in shards for r in s["rejects"]] + writer.rejects)
+    lines = "".join(json.dumps({"input": i, "reason": r}, ensure_ascii=False) + "\n" for i, r in rejects)
+    _write_if_changed(cfg.out / REJECTS_NAME, lines.encode("utf-8"))
+    if not shards:
+        raise BuildError(f"--input {cfg.input}: all {len(rejects)} inputs rejected "
+                         f"({_reasons(Counter(r for _, r in rejects))}); see {cfg.out / REJECTS_NAME}")
+    index = make_index(cfg, fp, shards, rejects)
+    atomic_write_json(index_path, index)
+    return index
+
+
+def _run(plan: list[PlannedChunk], writer: ShardWriter, cfg: BuildConfig, tts: TTS | None,
+         console: Console) -> None:
+    """Process the plan from the writer's resume point, with a progress bar over chunks."""
+    todo = plan[writer.next_chunk:]
+    results = _results(todo, cfg, tts)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[hours]:.2f} h"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        bar = progress.add_task(f"shards -> {cfg.out}", total=len(plan), completed=writer.next_chunk,
+                                hours=0.0)
+        hours = 0.0
+        for result in results:
+            writer.add(result)
+            hours += result.seconds / 3600
+            progress.update(bar, advance=1, hours=hours)
+        writer.flush()
+
+
+def _reasons(counts: Counter[str] | dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def summary(index: dict[str, Any], out: Path) -> str:
+    rejects = index["rejects"]
+    return (f"{out}: {len(index['shards'])} shards, {index['docs']} docs, {index['segments']} segments, "
+            f"{index['seconds'] / 3600:.2f} h audio, {sum(rejects.values())} rejects ({_reasons(rejects)})")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _csv(kind: type) -> Any:
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> BuildConfig:
+    p = argparse.ArgumentParser(prog="python -m shards.build", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", type=Path, required=True, help="manifest .jsonl, LibriSpeech-style folder, or text")
+    p.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
+    p.add_argument("--sr", type=int, default=16000, help="sample rate of the shards' audio")
+    p.add_argument("--format", choices=("auto", *sources.FORMATS), default="auto")
+    p.add_argument("--tts", choices=("espeak-ng", "command"), help="synthesize text-only input to speech")
+    p.add_argument("--tts-voices", type=_csv(str), default=["en-us"], help="comma-separated espeak-ng voices")
+    p.add_argument("--tts-speeds", type=_csv(int), default=[160], help="comma-separated words per minute")
+    p.add_argument("--tts-pitches", type=_csv(int), default=[50], help="comma-separated pitches 0..99")
+    p.add_argument("--tts-command", default="", help="command backend template, e.g. 'say -o {wav} {text}'")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--shard-size-mb", type=float, default=256.0, help="roll to a new shard at this size")
+    p.add_argument("--max-seconds", type=float, default=None, help="reject longer segments")
+    p.add_argument("--chunk-segments", type=int, default=16, help="segments per chunk (sample)")
+    p.add_argument("--source", default="", help="source name stored in samples (default: input's name)")
+    p.add_argument("--lang", default="en")
+    p.add_argument("--seed", type=int, default=0, help="offsets the TTS voice/speed/pitch variants")
+    a = p.parse_args(argv)
+    for name in ("sr", "workers", "shard_size_mb", "chunk_segments", "max_seconds"):
+        value = getattr(a, name)
+        if value is not None and value <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    try:
+        tts = TTSConfig(backend=a.tts, voices=a.tts_voices, speeds=a.tts_speeds, pitches=a.tts_pitches,
+                        command=shlex.split(a.tts_command)) if a.tts else None
+    except ValueError as exc:
+        p.error(f"--tts: {exc}")
+    return BuildConfig(input=a.input, out=a.out, sr=a.sr, format=a.format, tts=tts, workers=a.workers,
+                       shard_size_mb=a.shard_size_mb, max_seconds=a.max_seconds, chunk_segments=a.chunk_segments,
+                       source=a.source, lang=a.lang, seed=a.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        index = build(cfg, console)
+    except (BuildError, TTSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary(index, cfg.out), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

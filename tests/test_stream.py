@@ -1,0 +1,221 @@
+"""ShardStream: rank x worker splits, epochs, mixing, exact resume, corrupt shards, pipe URLs."""
+
+import itertools
+import shlex
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards.format import Chunk, Segment, atomic_write_json, encode_chunk, write_shard
+from shards.stream import SKIPPED, ShardReadError, ShardStream, StreamConfig, stream_loader
+
+SR = 16000
+
+
+def _chunk(name: str, i: int) -> Chunk:
+    """A tiny sample: one short spoken segment (3-50 ms, its content depends on the key) and a text one."""
+    n = 50 + (i * 97) % 750
+    audio = (0.5 * np.sin(np.arange(n) * 0.01 * (i + 1))).astype(np.float32)
+    return Chunk(key=f"{name}_{i:04d}", doc=f"{name}-doc{i // 3}", source="test",
+                 segments=[Segment(f"spoken {name} {i}", audio, SR), Segment(f"text {name} {i}")])
+
+
+def make_set(folder: Path, name: str, shards: int, per_shard: int) -> list[str]:
+    """A shard set with an index, as shards.build writes it; returns the sample keys."""
+    entries, keys = [], []
+    for s in range(shards):
+        chunks = [_chunk(name, s * per_shard + j) for j in range(per_shard)]
+        url = f"shard-{s:06d}.tar"
+        sha = write_shard(folder / url, chunks)
+        entries.append({"url": url, "docs": len({c.doc for c in chunks}), "segments": 2 * per_shard,
+                        "seconds": sum(c.seconds for c in chunks), "sha256": sha})
+        keys += [c.key for c in chunks]
+    atomic_write_json(folder / "index.json", {"sr": SR, "shards": entries, "rejects": {}})
+    return keys
+
+
+@pytest.fixture
+def many(tmp_path):
+    """10 shards of 4 samples: more shards than 2 ranks x 2 workers."""
+    folder = tmp_path / "many"
+    return folder, make_set(folder, "many", 10, 4)
+
+
+@pytest.fixture
+def few(tmp_path):
+    """2 shards of 7 samples: fewer shards than slots, so samples are striped."""
+    folder = tmp_path / "few"
+    return folder, make_set(folder, "few", 2, 7)
+
+
+def keys_of(stream: ShardStream, workers: int, limit: int | None = None) -> list[str]:
+    return [c.key for c in itertools.islice(stream_loader(stream, workers), limit)]
+
+
+def per_rank(sets, world: int = 2, workers: int = 2, **kwargs) -> list[list[str]]:
+    return [keys_of(ShardStream(sets, seed=3, rank=r, world=world, **kwargs), workers) for r in range(world)]
+
+
+@pytest.mark.parametrize("layout", ["many", "few"])
+def test_epoch_gives_every_sample_once_across_ranks_and_workers(layout, request):
+    folder, keys = request.getfixturevalue(layout)
+    ranks = per_rank([(folder, 1.0)], epochs=1, decode_audio=False)
+    assert all(ranks), "a rank got nothing"
+    union = [k for r in ranks for k in r]
+    assert sorted(union) == sorted(keys)  # every sample, none twice
+    assert set(ranks[0]).isdisjoint(ranks[1])
+
+
+def test_finite_mixture_gives_every_sample_of_every_set_once(many, few):
+    (a, keys_a), (b, keys_b) = many, few
+    ranks = per_rank([(a, 3.0), (b, 1.0)], epochs=1, decode_audio=False)
+    assert sorted(k for r in ranks for k in r) == sorted(keys_a + keys_b)
+
+
+def test_samples_round_trip_through_workers(few):
+    folder, _ = few
+    chunks = list(stream_loader(ShardStream([(folder, 1.0)], epochs=1), workers=2))
+    assert len(chunks) == 14
+    for chunk in chunks:
+        i = int(chunk.key.split("_")[1])
+        want = _chunk("few", i)
+        assert chunk.doc == want.doc and [s.text for s in chunk.segments] == [s.text for s in want.segments]
+        audio = chunk.segments[0].audio
+        assert audio.dtype == np.float32 and chunk.segments[0].sr == SR
+        np.testing.assert_allclose(audio, want.segments[0].audio, atol=1e-4)  # 16-bit FLAC
+        assert chunk.segments[1].audio is None
+
+
+def test_epochs_reshuffle_the_same_content(many):
+    folder, keys = many
+    stream = ShardStream([(folder, 1.0)], seed=1, epochs=2, decode_audio=False)
+    order = keys_of(stream, workers=0)
+    first, second = order[:len(keys)], order[len(keys):]
+    assert sorted(first) == sorted(second) == sorted(keys)
+    assert first != second
+    assert keys_of(stream, workers=0) == order  # deterministic for the same seed
+    other = keys_of(ShardStream([(folder, 1.0)], seed=2, epochs=1, decode_audio=False), workers=0)
+    assert other != first and sorted(other) == sorted(keys)
+
+
+def test_infinite_mixture_follows_the_weights(many, few):
+    (a, keys_a), (b, keys_b) = many, few
+    stream = ShardStream([(a, 3.0), (b, 1.0)], seed=5, decode_audio=False)  # epochs=None: forever
+    drawn = keys_of(stream, workers=2, limit=2000)
+    share = sum(k in set(keys_a) for k in drawn) / len(drawn)
+    assert abs(share - 0.75) < 0.04, share
+    assert set(drawn) == set(keys_a) | set(keys_b)  # both sets cycled through their epochs
+
+
+@pytest.mark.parametrize("workers,rank,world", [(0, 0, 1), (2, 0, 1), (2, 1, 2)])
+def test_resume_with_skip_continues_exactly(many, few, workers, rank, world):
+    sets = [(many[0], 2.0), (few[0], 1.0)]
+
+    def stream(skip: int, decode: bool = True) -> ShardStream:
+        return ShardStream(sets, seed=7, rank=rank, world=world, skip=skip, decode_audio=decode)
+
+    consumed, more = 23, 40  # odd, so workers consumed unequal counts; crosses epoch boundaries
+    whole = list(itertools.islice(stream_loader(stream(0), workers), consumed + more))
+    assert len({c.key for c in whole}) < len(whole)  # some samples came back in a later epoch
+    resumed = list(itertools.islice(stream_loader(stream(consumed), workers), more))
+    assert [c.key for c in resumed] == [c.key for c in whole[consumed:]]
+    for a, b in zip(resumed, whole[consumed:], strict=True):
+        np.testing.assert_array_equal(a.segments[0].audio, b.segments[0].audio)
+
+
+def _cut(folder: Path, shard: int, where: str) -> str:
+    """Truncate a shard inside a header, inside member data, at a member boundary, or to nothing."""
+    path = folder / f"shard-{shard:06d}.tar"
+    with tarfile.open(path) as tar:
+        third = tar.getmembers()[2]  # the first member of the shard's second sample
+    keep = {"header": third.offset + 100, "data": third.offset_data + 10, "boundary": third.offset,
+            "empty": 0}[where]
+    path.write_bytes(path.read_bytes()[:keep])
+    return str(path)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["header", "data", "boundary", "empty"])
+@pytest.mark.parametrize("indexed", [True, False])
+def test_corrupt_shard_raises_naming_it(many, where, indexed):
+    folder, _ = many
+    bad = _cut(folder, 4, where)
+    source = folder if indexed else [str(p) for p in sorted(folder.glob("*.tar"))]
+    start = time.monotonic()
+    with pytest.raises(ShardReadError, match=bad):
+        per_rank([(source, 1.0)], epochs=1)
+    assert time.monotonic() - start < 30
+
+
+def test_changed_shard_fails_its_index_hash(many):
+    folder, _ = many
+    path = folder / "shard-000002.tar"
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[2].offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 512] = b"x" * 512  # a garbage header: tarfile just stops there
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardReadError, match=f"{path}: sha256 differs"):
+        keys_of(ShardStream([(folder, 1.0)], epochs=1), workers=0)
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_skip_corrupt_skips_the_rest_of_the_shard_and_counts_it(many, indexed):
+    folder, keys = many
+    _cut(folder, 4, "header")  # in sample 1 (many_0017): sample 0 comes through, the partial one never
+    source = folder if indexed else [str(p) for p in sorted(folder.glob("*.tar"))]
+    SKIPPED.clear()
+    got = keys_of(ShardStream([(source, 1.0)], StreamConfig(skip_corrupt=True), epochs=1), workers=0)
+    intact = [k for k in keys if not 16 <= int(k.split("_")[1]) < 20]
+    assert sorted(got) == sorted(intact + ["many_0016"])
+    assert SKIPPED["shards"] == 1 and SKIPPED["samples"] == 0
+
+
+def test_skip_corrupt_drops_a_sample_whose_audio_does_not_decode(tmp_path):
+    import webdataset as wds
+
+    bad = encode_chunk(_chunk("bad", 1))
+    bad["0.flac"] = b"not flac"
+    path = tmp_path / "bad.tar"
+    with wds.TarWriter(str(path), encoder=False) as writer:
+        for sample in (encode_chunk(_chunk("bad", 0)), bad, encode_chunk(_chunk("bad", 2))):
+            writer.write(sample)
+    with pytest.raises(ValueError, match=f"{path}:bad_0001.0.flac: cannot decode"):
+        keys_of(ShardStream([([str(path)], 1.0)], epochs=1), workers=0)
+    SKIPPED.clear()
+    got = keys_of(ShardStream([([str(path)], 1.0)], StreamConfig(skip_corrupt=True), epochs=1), workers=0)
+    assert got == ["bad_0000", "bad_0002"] and SKIPPED["samples"] == 1
+
+
+def test_pipe_url_reads_like_the_file(few):
+    folder, _ = few
+    path = folder / "shard-000001.tar"
+    direct = keys_of(ShardStream([([str(path)], 1.0)], epochs=1, decode_audio=False), workers=0)
+    piped = keys_of(ShardStream([([f"pipe:cat {shlex.quote(str(path))}"], 1.0)], epochs=1), workers=2)
+    assert sorted(piped) == sorted(direct) and len(direct) == 7
+    with pytest.raises(ShardReadError, match="pipe:cat .*missing.tar.*exited with status 1"):
+        keys_of(ShardStream([([f"pipe:cat {shlex.quote(str(folder / 'missing.tar'))}"], 1.0)], epochs=1), 0)
+
+
+def test_infinite_stream_with_no_samples_for_a_slot_fails_instead_of_hanging(tmp_path):
+    folder = tmp_path / "one"
+    make_set(folder, "one", 1, 1)
+    with pytest.raises(ShardReadError, match="no samples for slot 1 of 2"):
+        keys_of(ShardStream([(folder, 1.0)], rank=1, world=2), workers=0, limit=1)
+
+
+def test_bad_arguments_name_the_problem(many, tmp_path):
+    folder, _ = many
+    with pytest.raises(ValueError, match=f"shard set {folder}: weight"):
+        ShardStream([(folder, 0.0)])
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        ShardStream([(tmp_path / "nowhere", 1.0)])
+    with pytest.raises(ValueError, match="rank 2 outside world size 2"):
+        ShardStream([(folder, 1.0)], rank=2, world=2)
+    with pytest.raises(ValueError, match="no shards"):
+        ShardStream([([], 1.0)])
+    with pytest.raises(ValueError, match="workers"):
+        StreamConfig(workers=-1)

@@ -1,0 +1,74 @@
+"""Assets of the smoke config, built on first use in about a minute, offline.
+
+    python -m toy.smoke [--out assets/smoke]
+
+- ``llm/``: a tiny random-init Qwen2-style LM and a BPE tokenizer trained on the sentences below;
+- ``speech/``: a few dozen sentences spoken by espeak-ng, as shards (``python -m shards.build --tts``);
+- ``text/``: the same kind of sentences as text shards (the anti-forgetting mix).
+Each part is built only when its folder is missing; each is written to a temporary name first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from toy.tiny import tiny_llm, train_tokenizer
+
+NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
+PLACES = ["paris", "rome", "the park", "the river", "the market", "the school"]
+THINGS = ["a red ball", "two green apples", "a small dog", "the old book", "a blue cup", "seven stones"]
+VERBS = ["found", "carried", "painted", "lost", "bought", "wanted"]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: xs[int(rng.integers(len(xs)))]  # noqa: E731
+    return [f"{pick(NAMES)} {pick(VERBS)} {pick(THINGS)} near {pick(PLACES)}" for _ in range(n)]
+
+
+def write_jsonl(path: Path, texts: list[str], per_doc: int) -> None:
+    with path.open("w") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"text": text, "doc": f"doc{i // per_doc:03d}"}) + "\n")
+
+
+def build_shards(texts: list[str], out: Path, extra: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "texts.jsonl"
+        write_jsonl(src, texts, per_doc=4)
+        staging = Path(tmp) / "shards"
+        subprocess.run([sys.executable, "-m", "shards.build", "--input", str(src), "--out", str(staging),
+                        "--format", "text", *extra], check=True)
+        shutil.move(str(staging), str(out))
+
+
+def build(out: Path, sample_rate: int = 16000) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "llm").exists():
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            tokenizer = train_tokenizer(sentences(400, seed=1), tmp, vocab_size=400)
+            tiny_llm(tokenizer, tmp)
+            shutil.copytree(tmp, out / "llm")
+    if not (out / "speech").exists():
+        build_shards(sentences(48, seed=2), out / "speech",
+                     ["--tts", "espeak-ng", "--sr", str(sample_rate), "--workers", "2"])
+    if not (out / "text").exists():
+        build_shards(sentences(64, seed=3), out / "text", [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="assets/smoke")
+    build(Path(parser.parse_args().out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Stage-I / stage-II distillation training on DeepSpeed ZeRO-3.
+
+    python -m train --config CONFIG [--round R] [key=value ...]
+    torchrun --nproc_per_node N -m train --config CONFIG ...
+    deepspeed [--hostfile H] --module train --config CONFIG ...
+
+Writes ``runs/<name>/round-R/``: ``checkpoints/``, ``metrics.jsonl``, ``export/`` and ``DONE``.
+A killed run started again with the same command resumes from its latest checkpoint exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train import checkpoint
+from train.config import ConfigError, split_overrides, to_dict
+from train.experiment import ExperimentConfig, load_experiment
+from train.schedule import decay_start
+
+DONE = "DONE"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    args, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--round", type=int, default=0, help="0 = stage I; R >= 1 = stage II of round R")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(args), overrides
+
+
+def round_dir(cfg: ExperimentConfig, round_: int) -> Path:
+    return cfg.run.path() / f"round-{round_}"
+
+
+def ensure_assets(cfg: ExperimentConfig, rank: int) -> None:
+    """Build missing assets (tiny LLM, shards) with the config's builder module, on rank 0 only."""
+    paths = [Path(cfg.model.llm.path)] + [Path(r.path) for r in cfg.data.speech + cfg.data.text]
+    if rank == 0 and cfg.data.assets and not all(p.exists() for p in paths):
+        subprocess.run([sys.executable, "-m", cfg.data.assets], check=True)
+    dist.barrier()
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"missing model or shard folders: {', '.join(missing)}")
+
+
+def write_metrics(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """After a resume, drop logged steps past the checkpoint (they will be run again)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[status]}"), disable=not enabled, transient=False)
+
+
+def train(cfg: ExperimentConfig, round_: int) -> Path:
+    from model.build import build_speech_lm, load_tokenizer
+    from train.data import BatchSource, check_sample_rate
+    from train.engine import build_engine, init_distributed
+    from train.export import export
+    from train.objective import Objective
+
+    rank, world = init_distributed()
+    out = round_dir(cfg, round_)
+    if (out / DONE).exists():
+        if rank == 0:
+            print(f"{out} is complete ({DONE} exists); nothing to do", file=sys.stderr)
+        return out
+    ensure_assets(cfg, rank)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    model = build_speech_lm(cfg.model)
+    check_sample_rate(cfg.data.speech, model.encoder.sample_rate)
+    tokenizer = load_tokenizer(cfg.model)
+    engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), cfg.train, world)
+    ckpt_dir = out / "checkpoints"
+    resumed = checkpoint.resume(engine, ckpt_dir)
+    step, consumed = resumed if resumed else (0, None)
+    metrics = out / "metrics.jsonl"
+    if rank == 0:
+        trim_metrics(metrics, step)
+    source = BatchSource(cfg.data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed, rank, world,
+                         consumed)
+    pre_decay = decay_start(cfg.train.max_steps, cfg.train.decay_fraction)
+    bar = progress(rank == 0)
+    with bar:
+        task = bar.add_task("train", total=cfg.train.max_steps, completed=step, status="")
+        while step < cfg.train.max_steps:
+            if step == pre_decay and step > 0 and not (ckpt_dir / "pre-decay").exists():
+                checkpoint.save(engine, ckpt_dir, "pre-decay", step, source.state())
+            started = time.perf_counter()
+            torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+            totals = torch.zeros(5)   # loss, kl, nll, target tokens, audio seconds
+            for micro in range(cfg.train.grad_accum):
+                batch, _ = source.next(step, micro)
+                batch = batch.to(engine.device)
+                out_ = engine(batch)
+                engine.backward(out_["loss"])
+                engine.step()
+                audio_s = float(batch.wave_lengths.sum()) / model.encoder.sample_rate
+                totals += torch.tensor([out_["loss"].item(), out_["kl"].item(), out_["nll"].item(),
+                                        out_["tokens"].item(), audio_s])
+            step += 1
+            dist.all_reduce(totals)
+            elapsed = time.perf_counter() - started
+            n = cfg.train.grad_accum * world
+            record = {"step": step, "loss": totals[0].item() / n, "kl": totals[1].item() / n,
+                      "nll": totals[2].item() / n, "lr": engine.get_lr()[0],
+                      "tokens_per_s": totals[3].item() / elapsed, "audio_s_per_s": totals[4].item() / elapsed}
+            if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                write_metrics(metrics, record)
+            bar.update(task, completed=step, status=f"loss {record['loss']:.3f} kl {record['kl']:.3f} "
+                       f"{record['tokens_per_s']:.0f} tok/s {record['audio_s_per_s']:.1f} audio-s/s")
+            if step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+                checkpoint.save(engine, ckpt_dir, f"{checkpoint.PERIODIC_PREFIX}{step:07d}", step, source.state())
+                if rank == 0:
+                    checkpoint.prune(ckpt_dir, cfg.train.keep_checkpoints)
+    checkpoint.save(engine, ckpt_dir, "final", step, source.state())
+    dist.barrier()
+    if rank == 0:
+        export(cfg, ckpt_dir, "final", out / "export")
+        (out / DONE).write_text(json.dumps({"step": step}) + "\n")
+    dist.barrier()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_experiment(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    train(cfg, args.round)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

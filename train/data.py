@@ -1,0 +1,85 @@
+"""Training batches: speech and text shard streams mixed at a ratio, turned into packed layouts.
+
+Resumable by construction: which stream a micro-batch draws from and how its documents are cut
+into spans depend only on (seed, rank, step, micro-step), and each stream continues from the count
+of documents already consumed, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.inputs import Batch, InputsConfig, interleave, pack, text_document
+from shards.format import Chunk, read_index
+from shards.stream import ShardStream, StreamConfig, stream_loader
+from train.config import require
+
+
+@dataclass
+class ShardSetRef:
+    path: str                 # shard-set folder (with index.json)
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.weight > 0, "weight", f"must be positive, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    speech: list[ShardSetRef] = field(default_factory=list)   # natural (and later selected) speech
+    text: list[ShardSetRef] = field(default_factory=list)     # broad text for the anti-forgetting mix
+    text_ratio: float = 0.33          # share of micro-batches that are text only
+    docs_per_batch: int = 8           # document chunks per micro-batch and rank
+    assets: str = ""                  # module run as `python -m <assets>` when a shard set is missing
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.text_ratio <= 1.0, "text_ratio", "must be in [0, 1]")
+        require(self.docs_per_batch >= 1, "docs_per_batch", "must be >= 1")
+
+
+def check_sample_rate(refs: list[ShardSetRef], sample_rate: int) -> None:
+    """Audio is resampled when shards are built, never per step: the rates must already agree."""
+    for ref in refs:
+        sr = read_index(ref.path)["sr"]
+        if sr != sample_rate:
+            raise ValueError(f"{ref.path}/index.json: shards are at {sr} Hz but the encoder needs "
+                             f"{sample_rate} Hz; rebuild them with `python -m shards.build --sr {sample_rate}`")
+
+
+class BatchSource:
+    """Yields (Batch, is_text) micro-batches for one rank; ``state()`` is what a checkpoint stores."""
+
+    def __init__(self, cfg: DataConfig, inputs: InputsConfig, stream_cfg: StreamConfig, tokenizer,
+                 vectors_for: Callable[[int], int], seed: int, rank: int, world: int,
+                 consumed: dict[str, int] | None = None) -> None:
+        require(bool(cfg.speech), "data.speech", "at least one speech shard set is needed")
+        self.cfg, self.inputs, self.tokenizer, self.vectors_for = cfg, inputs, tokenizer, vectors_for
+        self.seed, self.rank = seed, rank
+        self.consumed = {"speech": 0, "text": 0, **(consumed or {})}
+        self._iters: dict[str, Iterator[Chunk]] = {}
+        for name, refs in (("speech", cfg.speech), ("text", cfg.text)):
+            if refs:
+                stream = ShardStream([(r.path, r.weight) for r in refs], stream_cfg, seed=seed, rank=rank,
+                                     world=world, skip=self.consumed[name])
+                self._iters[name] = iter(stream_loader(stream))
+
+    def state(self) -> dict[str, int]:
+        return dict(self.consumed)
+
+    def _take(self, name: str) -> list[Chunk]:
+        chunks = [next(self._iters[name]) for _ in range(self.cfg.docs_per_batch)]
+        self.consumed[name] += len(chunks)
+        return chunks
+
+    def next(self, step: int, micro: int) -> tuple[Batch, bool]:
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        is_text = "text" in self._iters and rng.random() < self.cfg.text_ratio
+        chunks = self._take("text" if is_text else "speech")
+        if is_text:
+            docs = [text_document(c, self.tokenizer) for c in chunks]
+        else:
+            docs = [interleave(c, self.tokenizer, self.inputs, rng) for c in chunks]
+        return pack(docs, self.vectors_for, self.inputs.context, self.tokenizer.bos_token_id), is_text

@@ -1,0 +1,117 @@
+"""DeepSpeed set-up: distributed init, the merged DeepSpeed config, parameter groups, the engine.
+
+The DeepSpeed JSON files hold what only DeepSpeed needs (ZeRO stage, offload, buckets); the YAML
+owns learning rates, batch, accumulation, clipping and precision, which are merged in here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from train.config import require
+from train.schedule import wsd_factor
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100             # optimizer steps of this round
+    lr_adapter: float = 1e-3         # adapter and boundary embeddings
+    lr_llm: float = 5e-5             # LoRA or full LLM
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    decay_fraction: float = 0.2      # last fraction of steps decays linearly to 0 (WSD)
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 on GPUs that have it, fp32 on CPU
+    ds_config: str = "auto"          # auto: ds_configs/zero3.json on GPU, zero3_cpu.json on CPU
+    log_every: int = 1
+    save_every: int = 50
+    keep_checkpoints: int = 2        # periodic checkpoints kept (pre-decay and final are always kept)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
+            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
+        require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the launcher's process group (torchrun/deepspeed), or make a one-rank group without one."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.precision == "bf16"
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    """The DeepSpeed JSON with the values the YAML owns merged in."""
+    name = cfg.ds_config
+    if name == "auto":
+        name = "ds_configs/zero3.json" if torch.cuda.is_available() else "ds_configs/zero3_cpu.json"
+    path = Path(name) if Path(name).is_file() else REPO / name
+    if not path.is_file():
+        raise FileNotFoundError(f"train.ds_config: {name} not found")
+    ds = json.loads(path.read_text())
+    ds["train_micro_batch_size_per_gpu"] = 1          # one packed Batch per micro-step
+    ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds["train_batch_size"] = cfg.grad_accum * world
+    ds["gradient_clipping"] = cfg.grad_clip
+    ds["bf16"] = {"enabled": use_bf16(cfg)}
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt.setdefault("params", {}).update(lr=cfg.lr_adapter, weight_decay=cfg.weight_decay)
+    return ds
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Adapter and boundaries at ``lr_adapter``, LLM (LoRA or full) at ``lr_llm``; no decay on 1-d params."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_llm = name.startswith("model.llm.")
+        groups.setdefault((is_llm, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": cfg.lr_llm if is_llm else cfg.lr_adapter,
+             "weight_decay": cfg.weight_decay if decay else 0.0, "name": f"{'llm' if is_llm else 'adapter'}"}
+            for (is_llm, decay), ps in sorted(groups.items())]
+
+
+def build_engine(objective: torch.nn.Module, cfg: TrainConfig, world: int):
+    """The DeepSpeed engine around the whole objective, with the WSD schedule per optimizer step."""
+    import deepspeed
+
+    factor = partial(wsd_factor, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
+                     decay_fraction=cfg.decay_fraction)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective, model_parameters=param_groups(objective, cfg), config=deepspeed_config(cfg, world),
+        lr_scheduler=lambda opt: LambdaLR(opt, factor))
+    return engine

@@ -1,0 +1,62 @@
+"""The SALAD training objective as one module, so that the DeepSpeed engine wraps the whole step.
+
+Student on the interleaved layout, teacher on the all-text layout, losses at the aligned positions
+(``model.inputs.Layout``): L = alpha * KL(teacher || student) + (1 - alpha) * NLL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.inputs import Batch
+from model.speech_lm import SpeechLM
+from train.config import require
+from train.losses import combine, distillation_loss, nll_loss
+
+
+@dataclass
+class LossConfig:
+    alpha: float = 1.0          # weight of the distillation KL; SALAD uses 1 in both stages
+    temperature: float = 1.0
+    chunk_size: int = 1024      # positions projected to the vocabulary at once
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        require(self.temperature > 0, "temperature", "must be > 0")
+        require(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+
+
+class Objective(nn.Module):
+    def __init__(self, model: SpeechLM, cfg: LossConfig, distributed: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.distributed = distributed
+
+    def teacher_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        with self.model.teacher_mode():
+            return self.model.teacher_head(hidden)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        hidden, layout = self.model.student_hidden(batch)
+        teacher = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
+        student_at = hidden[layout.map_row, layout.map_student]
+        teacher_at = teacher[layout.map_row, layout.map_teacher]
+        dist = nll = None
+        if cfg.alpha > 0:
+            dist = distillation_loss(student_at, teacher_at, self.model.student_head, self.teacher_head,
+                                     cfg.temperature, cfg.chunk_size, sync_ranks=self.distributed)
+        if cfg.alpha < 1:
+            nll = nll_loss(student_at, self.model.student_head, layout.map_target, cfg.chunk_size,
+                           sync_ranks=self.distributed)
+        loss = combine(dist, nll, cfg.alpha)
+        if not layout.map_row.numel():   # nothing to predict: keep the graph (every rank must backward)
+            loss = hidden.sum() * 0.0
+        zero = loss.detach() * 0
+        return {"loss": loss, "kl": dist.detach() if dist is not None else zero,
+                "nll": nll.detach() if nll is not None else zero,
+                "tokens": torch.tensor(float(layout.map_row.numel()), device=loss.device)}
