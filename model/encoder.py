@@ -45,9 +45,10 @@ def _valid(lengths: Tensor, size: int) -> Tensor:
 
 
 def _power_mel(waves: Tensor, window: Tensor, filters: Tensor, hop: int, center: bool) -> Tensor:
-    """[B, n_mels, frames] mel power spectrogram; ``filters`` is [n_freqs, n_mels]."""
-    spec = torch.stft(waves, window.numel(), hop, window=window, center=center, return_complex=True)
-    return filters.T @ spec.abs().pow(2)
+    """[B, n_mels, frames] mel power spectrogram in float32 (even when a parent cast the buffers to bf16);
+    ``filters`` is [n_freqs, n_mels]."""
+    spec = torch.stft(waves, window.numel(), hop, window=window.float(), center=center, return_complex=True)
+    return filters.float().T @ spec.abs().pow(2)
 
 
 def _require_dir(path: str) -> None:

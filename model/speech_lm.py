@@ -69,13 +69,18 @@ class SpeechLM(nn.Module):
         if batch.num_speech:
             vectors, counts = self.speech_vectors(batch.waves, batch.wave_lengths)
         else:
-            vectors = self.boundary.new_zeros(0, 0, self.boundary.shape[1])
+            # A text-only batch still runs the encoder and adapter on a silent dummy: under ZeRO-3 every
+            # rank must run the same modules (each forward gathers parameters) and get every gradient.
+            dummy = batch.waves.new_zeros(1, self.encoder.sample_rate // 4)
+            vectors, _ = self.speech_vectors(dummy, torch.tensor([dummy.shape[1]], device=dummy.device))
             counts = batch.wave_lengths
         layout = Layout.build(batch, counts)
         rows, hidden = batch.rows, self.boundary.shape[1]
         text = embed(layout.text_token)
         out = text.new_zeros(rows, layout.student_len, hidden)
         out = out.index_put((layout.text_row, layout.text_pos), text)
+        if not batch.num_speech:
+            return out + (vectors.sum() + self.boundary.sum()).to(out.dtype) * 0.0, layout
         if batch.num_speech:
             span = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
             offset = layout.vector_pos - torch.repeat_interleave(layout.begin_pos + 1, counts)

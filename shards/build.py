@@ -8,7 +8,9 @@ therefore depends only on the input and the settings, never on ``--workers`` or 
 Why it resumes: after each ``shard-NNNNNN.tar`` a sidecar ``shard-NNNNNN.json`` records the plan
 fingerprint, the range of plan chunks the shard consumed, its sha256 and the rejects found while
 encoding it. A re-run trusts the longest prefix of shards whose tar matches its sidecar and goes on
-from there; ``index.json`` is written last, so its presence means the build is complete.
+from there; ``index.json`` is written last, so its presence means the build is complete. The
+fingerprint covers the settings and the plan (paths, texts, ranges), not the bytes of audio files:
+after editing audio in place, build into a fresh folder.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shlex
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,11 +40,11 @@ from shards.format import (
     REJECTS_NAME,
     Chunk,
     Segment,
-    _tar_bytes,
     atomic_write_bytes,
     atomic_write_json,
     encode_chunk,
     safe_key,
+    write_samples,
 )
 from shards.sources import Record, Rejected
 from shards.tts import TTS, TTSConfig, TTSError, make_tts
@@ -147,8 +150,12 @@ _worker: _Worker | None = None
 
 def _init_worker(cfg: BuildConfig, tts: TTS | None) -> None:
     global _worker
-    torch.set_num_threads(1)  # one process per core already
     _worker = _Worker(cfg, tts)
+
+
+def _init_pool_worker(cfg: BuildConfig, tts: TTS | None) -> None:
+    torch.set_num_threads(1)  # one process per core already (and a forked OpenMP pool is unsafe)
+    _init_worker(cfg, tts)
 
 
 def _process_chunk(task: PlannedChunk) -> ChunkResult:
@@ -183,15 +190,15 @@ def _segment(rec: Record, index: int) -> Segment:
     return Segment(rec.text, audio=audio, sr=cfg.sr, words=rec.words)
 
 
-def _results(plan: list[PlannedChunk], cfg: BuildConfig, tts: TTS | None) -> Iterator[ChunkResult]:
-    """Processed chunks in plan order; with --workers > 1 from a pool of fresh (spawned) processes."""
+@contextmanager
+def _results(plan: list[PlannedChunk], cfg: BuildConfig, tts: TTS | None) -> Iterator[Iterator[ChunkResult]]:
+    """Processed chunks in plan order: in this process, or (--workers > 1) from a process pool."""
     if cfg.workers <= 1 or len(plan) <= 1:
         _init_worker(cfg, tts)
-        yield from map(_process_chunk, plan)
+        yield map(_process_chunk, plan)
         return
-    ctx = mp.get_context("spawn")  # not fork: the parent may hold OpenMP/rich threads
-    with ctx.Pool(min(cfg.workers, len(plan)), initializer=_init_worker, initargs=(cfg, tts)) as pool:
-        yield from pool.imap(_process_chunk, plan)
+    with mp.Pool(min(cfg.workers, len(plan)), initializer=_init_pool_worker, initargs=(cfg, tts)) as pool:
+        yield pool.imap(_process_chunk, plan)
 
 
 # ----------------------------------------------------------------------------- shards on disk
@@ -270,12 +277,11 @@ class ShardWriter:
         """Write the pending chunks as the next shard; rejects of trailing empty chunks stay pending."""
         if not self.samples:
             return
-        data = _tar_bytes(self.samples)
-        atomic_write_bytes(self.out / shard_name(self.shard), data)
+        sha256 = write_samples(self.out / shard_name(self.shard), self.samples)
         meta = {"fingerprint": self.fp, "first_chunk": self.first_chunk, "next_chunk": self.next_chunk,
                 "url": shard_name(self.shard), "keys": [s["__key__"] for s in self.samples],
                 "docs": list(dict.fromkeys(self.docs)), "segments": self.segments,
-                "seconds": round(self.seconds, 3), "sha256": hashlib.sha256(data).hexdigest(),
+                "seconds": round(self.seconds, 3), "sha256": sha256,
                 "rejects": [list(r) for r in self.rejects]}
         atomic_write_json(self.out / shard_name(self.shard, "json"), meta)
         self.written.append(meta)
@@ -299,13 +305,16 @@ def _remove_stale(out: Path, n_shards: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def _shard_entries(sidecars: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"url": s["url"], "chunks": len(s["keys"]), "docs": len(s["docs"]), "segments": s["segments"],
+             "seconds": s["seconds"], "sha256": s["sha256"]} for s in sidecars]
+
+
 def make_index(cfg: BuildConfig, fp: str, shards: list[dict[str, Any]], rejects: list[tuple[str, str]]) -> dict:
     counts = Counter(reason for _, reason in rejects)
     return {"format_version": FORMAT_VERSION, "builder_version": BUILDER_VERSION, "source": cfg.source,
             "sr": cfg.sr, "fingerprint": fp,
-            "shards": [{"url": s["url"], "chunks": len(s["keys"]), "docs": len(s["docs"]),
-                        "segments": s["segments"], "seconds": s["seconds"], "sha256": s["sha256"]}
-                       for s in shards],
+            "shards": _shard_entries(shards),
             "docs": len({d for s in shards for d in s["docs"]}),
             "segments": sum(s["segments"] for s in shards),
             "seconds": round(sum(s["seconds"] for s in shards), 3),
@@ -316,7 +325,6 @@ def make_index(cfg: BuildConfig, fp: str, shards: list[dict[str, Any]], rejects:
 
 def build(cfg: BuildConfig, console: Console | None = None) -> dict[str, Any]:
     """Build (or finish, or confirm) the shard set in ``cfg.out``; returns its index."""
-    console = console or Console(stderr=True)
     if not cfg.input.exists():
         raise BuildError(f"--input {cfg.input}: no such file or directory")
     fmt = sources.detect_format(cfg.input) if cfg.format == "auto" else cfg.format
@@ -327,38 +335,58 @@ def build(cfg: BuildConfig, console: Console | None = None) -> dict[str, Any]:
     tts = make_tts(cfg.tts, cfg.sr) if cfg.tts and fmt == "text" else None
     plan = make_plan(records, cfg.chunk_segments)
     fp = fingerprint(plan, cfg)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     done = trusted_shards(cfg.out, fp)
-    index_path = cfg.out / INDEX_NAME
-    old = json.loads(index_path.read_text()) if index_path.is_file() else None
-    if old is not None and old.get("fingerprint") == fp and old["shards"] == make_index(cfg, fp, done, [])["shards"]:
-        return old  # complete and unchanged: touch nothing
-    index_path.unlink(missing_ok=True)  # the set is about to change: it is incomplete until the end
+    index = _complete_index(cfg.out, fp, done)
+    if index is not None:
+        return index  # complete and unchanged: touch nothing
+    writer = _start(cfg, fp, done)
+    _run(plan, writer, cfg, tts, console or Console(stderr=True))
+    return _finish(cfg, fp, records, done + writer.written, writer.rejects)
+
+
+def _complete_index(out: Path, fp: str, done: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The existing index if it describes exactly the trusted shards of this plan, else None."""
+    try:
+        index = json.loads((out / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    same = isinstance(index, dict) and index.get("fingerprint") == fp
+    return index if same and index.get("shards") == _shard_entries(done) else None
+
+
+def _start(cfg: BuildConfig, fp: str, done: list[dict[str, Any]]) -> ShardWriter:
+    """Mark the set incomplete (no index), clear what a killed or different build left, resume after done."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / INDEX_NAME).unlink(missing_ok=True)
     _remove_stale(cfg.out, len(done))
-    writer = ShardWriter(cfg.out, int(cfg.shard_size_mb * 2**20), fp, len(done),
-                         done[-1]["next_chunk"] if done else 0)
-    _run(plan, writer, cfg, tts, console)
-    shards = done + writer.written
+    return ShardWriter(cfg.out, int(cfg.shard_size_mb * 2**20), fp, len(done),
+                       done[-1]["next_chunk"] if done else 0)
+
+
+def _finish(cfg: BuildConfig, fp: str, records: list[Record], shards: list[dict[str, Any]],
+            trailing: list[tuple[str, str]]) -> dict[str, Any]:
+    """Write rejects.jsonl (input order, then plan order), then index.json last."""
     rejects = ([(r.input, r.reject) for r in records if r.reject]
-               + [tuple(r) for s in shards for r in s["rejects"]] + writer.rejects)
+               + [tuple(r) for s in shards for r in s["rejects"]] + trailing)
     lines = "".join(json.dumps({"input": i, "reason": r}, ensure_ascii=False) + "\n" for i, r in rejects)
     _write_if_changed(cfg.out / REJECTS_NAME, lines.encode("utf-8"))
     if not shards:
         raise BuildError(f"--input {cfg.input}: all {len(rejects)} inputs rejected "
                          f"({_reasons(Counter(r for _, r in rejects))}); see {cfg.out / REJECTS_NAME}")
     index = make_index(cfg, fp, shards, rejects)
-    atomic_write_json(index_path, index)
+    atomic_write_json(cfg.out / INDEX_NAME, index)
     return index
 
 
 def _run(plan: list[PlannedChunk], writer: ShardWriter, cfg: BuildConfig, tts: TTS | None,
          console: Console) -> None:
     """Process the plan from the writer's resume point, with a progress bar over chunks."""
-    todo = plan[writer.next_chunk:]
-    results = _results(todo, cfg, tts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[hours]:.2f} h"), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
+    # the pool (if any) starts before the progress bar's thread: forking a process with threads is unsafe
+    with (_results(plan[writer.next_chunk:], cfg, tts) as results,
+          Progress(*columns, console=console, transient=True,
+                   disable=not console.is_terminal) as progress):
         bar = progress.add_task(f"shards -> {cfg.out}", total=len(plan), completed=writer.next_chunk,
                                 hours=0.0)
         hours = 0.0
@@ -375,8 +403,10 @@ def _reasons(counts: Counter[str] | dict[str, int]) -> str:
 
 def summary(index: dict[str, Any], out: Path) -> str:
     rejects = index["rejects"]
+    seconds = index["seconds"]
+    audio = f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.1f} s"
     return (f"{out}: {len(index['shards'])} shards, {index['docs']} docs, {index['segments']} segments, "
-            f"{index['seconds'] / 3600:.2f} h audio, {sum(rejects.values())} rejects ({_reasons(rejects)})")
+            f"{audio} audio, {sum(rejects.values())} rejects ({_reasons(rejects)})")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -423,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         index = build(cfg, console)
-    except (BuildError, TTSError) as exc:
+    except (BuildError, TTSError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary(index, cfg.out), file=sys.stderr)

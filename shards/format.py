@@ -149,6 +149,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)   # mkstemp makes 0600; shards are read by other users and jobs
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -175,11 +176,16 @@ def _tar_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(path: str | Path, chunks: Iterable[Chunk]) -> str:
-    """Write chunks as one shard atomically; return its sha256."""
-    data = _tar_bytes(encode_chunk(c) for c in chunks)
+def write_samples(path: str | Path, samples: Iterable[dict[str, Any]]) -> str:
+    """Write already-encoded samples (``encode_chunk``) as one shard atomically; return its sha256."""
+    data = _tar_bytes(samples)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def write_shard(path: str | Path, chunks: Iterable[Chunk]) -> str:
+    """Write chunks as one shard atomically; return its sha256."""
+    return write_samples(path, (encode_chunk(c) for c in chunks))
 
 
 def read_shard(path: str | Path, decode_audio: bool = True) -> Iterator[Chunk]:

@@ -68,7 +68,7 @@ def detect_format(path: Path) -> str:
     """A folder is a LibriSpeech-style tree; a JSONL whose first record has "audio" is a manifest."""
     if path.is_dir():
         return "librispeech"
-    if path.suffix in (".jsonl", ".json"):
+    if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for raw in f:
                 if raw.strip():

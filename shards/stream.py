@@ -149,11 +149,14 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        # The DataLoader takes samples from its workers round-robin starting at worker 0: after N
+        # samples the next one was due from worker N % W, so worker w resumes as worker (w + N) % W,
+        # which delivered the samples n < N with n % W == that worker.
+        worker = (worker + self.skip) % workers
+        skip = self.skip // workers + (worker < self.skip % workers)
         slots, slot = self.world * workers, self.rank * workers + worker
         streams = [self._set_samples(i, slot, slots) for i in range(len(self.sets))]
         mixed = _mix(streams, [s.weight for s in self.sets], random.Random(f"mix:{self.seed}:{slot}"))
-        # The DataLoader takes samples from its workers round-robin: worker w delivered n % W == w.
-        skip = self.skip // workers + (worker < self.skip % workers)
         for sample in itertools.islice(mixed, skip, None):
             chunk = self._decode(sample)
             if chunk is not None:
@@ -174,7 +177,7 @@ class ShardStream(IterableDataset):
                 empty = False
                 yield sample
             if empty and self.epochs is None:  # looping over nothing forever would hang the caller
-                raise ShardReadError(f"shard set {shard_set.name}: epoch {epoch} has no samples for slot "
+                raise ValueError(f"shard set {shard_set.name}: epoch {epoch} has no samples for slot "
                                      f"{slot} of {slots} (fewer samples than ranks x workers, or every "
                                      "shard skipped as corrupt)")
 

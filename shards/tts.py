@@ -134,6 +134,8 @@ class TTS:
         where = _label(self.cfg.backend, text)
         if not text.strip():
             raise TTSError(f"{where}: text is empty")
+        if "\0" in text:
+            raise TTSError(f"{where}: text contains a NUL character")
         with tempfile.TemporaryDirectory(prefix="tts-") as tmp:
             wav = os.path.join(tmp, "speech.wav")
             argv, stdin = self._argv(text, wav, variant)
@@ -182,9 +184,10 @@ def synthesize_many(cfg: TTSConfig, sr: int, texts: list[str], variants: list[in
     """Speak many texts, in input order; a text that fails gives its TTSError in its place.
 
     ``variants`` defaults to each text's index (so texts cycle through the combinations). With
-    ``workers > 1`` a pool of fresh (spawned) processes runs one synthesizer each; with ``workers=1``
-    everything runs in the calling process (so it also works inside a daemonic pool worker).
-    A missing program or unknown voice raises TTSError here, before any text.
+    ``workers > 1`` a pool of forked processes runs one synthesizer each, one torch thread each (as
+    torch's DataLoader does: forking starts in well under a second where spawning re-imports torch for
+    many seconds); with ``workers=1`` everything runs in the calling process (so it also works inside
+    a daemonic pool worker). A missing program or unknown voice raises TTSError here, before any text.
     """
     variants = list(range(len(texts))) if variants is None else list(variants)
     if len(variants) != len(texts):
@@ -194,5 +197,5 @@ def synthesize_many(cfg: TTSConfig, sr: int, texts: list[str], variants: list[in
     workers = min(workers, len(jobs))
     if workers <= 1:
         return [_attempt(tts, text, variant) for text, variant in jobs]
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tts,)) as pool:
+    with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(tts,)) as pool:
         return pool.map(_worker_attempt, jobs, chunksize=max(1, len(jobs) // (4 * workers)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -69,10 +70,10 @@ def test_librispeech_round_trip(tmp_path):
     for doc, lengths in chapters.items():
         segs = [s for c in got if c.doc == doc for s in c.segments]
         assert [s.text for s in segs] == texts[doc]
-        assert [len(s.audio) for s in segs] == [round(round(n * 22050) * 16000 / 22050) for n in lengths]
+        assert [len(s.audio) for s in segs] == [math.ceil(round(n * 22050) * 16000 / 22050) for n in lengths]
         assert all(s.sr == 16000 and s.audio.ndim == 1 for s in segs)
     assert all(len(c.segments) <= 2 for c in got)
-    assert len({c.key for c in got}) == len(got) == 2 + 1 + 2
+    assert len({c.key for c in got}) == len(got) == 3 + 1 + 2
     index = read_index(out)
     assert len(index["shards"]) > 1 and index["sr"] == 16000 and index["rejects"] == {}
     assert sum(s["segments"] for s in index["shards"]) == 10 and index["docs"] == 3
@@ -149,7 +150,7 @@ def test_every_reject_reason_is_counted_and_listed(tmp_path):
 
 def test_librispeech_rejects(tmp_path):
     librispeech_tree(tmp_path / "ls", {"1-10": [0.3, 0.3], "2-20": [0.3]})
-    (tmp_path / "ls/1/10/1-10-0001.flac").unlink()
+    (tmp_path / "ls/1/10/1-10-0001.flac").rename(tmp_path / "ls/2/20/1-10-0000.flac")
     with open(tmp_path / "ls/2/20/2-20.trans.txt", "ab") as f:
         f.write(b"1-10-0000 SAME ID AGAIN\n2-20-0009 \xff\xfe\n2-20-0010   \n")
     out = tmp_path / "out"
@@ -169,6 +170,20 @@ def test_rerun_is_idempotent_and_rewrites_nothing(tmp_path):
     time.sleep(0.01)
     assert build(*args) == 0
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_changed_settings_rebuild_and_drop_stale_shards(tmp_path):
+    librispeech_tree(tmp_path / "ls", {"1-10": [0.3] * 6})
+    out = tmp_path / "out"
+    args = ("--input", tmp_path / "ls", "--out", out, "--chunk-segments", 1)
+    assert build(*args, "--shard-size-mb", 0.001) == 0
+    assert len(read_index(out)["shards"]) == 6
+    assert build(*args, "--shard-size-mb", 1, "--sr", 8000) == 0
+    index = read_index(out)
+    assert [e["url"] for e in index["shards"]] == ["shard-000000.tar"] and index["sr"] == 8000
+    assert sorted(p.name for p in out.iterdir()) == ["index.json", "rejects.jsonl", "shard-000000.json",
+                                                     "shard-000000.tar"]
+    assert [len(s.audio) for c in chunks(out) for s in c.segments] == [math.ceil(round(0.3 * 22050) * 8000 / 22050)] * 6
 
 
 def test_workers_do_not_change_the_output(tmp_path):
@@ -207,14 +222,15 @@ def test_kill_mid_build_then_rerun_gives_complete_identical_shards(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while not (out / "shard-000004.json").exists():  # shards hold 2 chunks: a30 is in shard 7
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended or stalled early"
             time.sleep(0.01)
         time.sleep(0.3)
+        assert proc.poll() is None, "the build should be blocked on the FIFO"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
     assert not (out / "index.json").exists()
-    assert not (out / "shard-000008.tar").exists()
+    assert not (out / "shard-000007.tar").exists()
     kept = (out / "shard-000000.tar").stat().st_mtime_ns
     (out / "shard-000002.tar").write_bytes((out / "shard-000002.tar").read_bytes()[:3000])  # a torn write
     (out / ".shard-000003.tar.x1y2.tmp").write_bytes(b"partial")
@@ -238,11 +254,11 @@ def test_kill_mid_build_then_rerun_gives_complete_identical_shards(tmp_path):
     assert all((fresh / n).read_bytes() == (out / n).read_bytes() for n in names)
 
 
-def test_missing_input_exits_with_one_line(tmp_path):
-    proc = _cli("--input", tmp_path / "nope", "--out", tmp_path / "out")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+def test_missing_input_exits_with_one_line(tmp_path, capsys):
+    assert build("--input", tmp_path / "nope", "--out", tmp_path / "out") == 1
+    err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: --input {tmp_path / 'nope'}: no such file or directory"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_all_inputs_rejected_exits_nonzero(tmp_path, capsys):
@@ -256,11 +272,12 @@ def test_all_inputs_rejected_exits_nonzero(tmp_path, capsys):
 
 
 def test_text_only_build(tmp_path):
-    (tmp_path / "book.txt").write_text("It was a dark night.\n\nThe end.\n")
-    write_jsonl(tmp_path / "pool.jsonl", [{"text": "alone"}, {"text": "b2", "doc": "q", "pos": 2},
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/book.txt").write_text("It was a dark night.\n\nThe end.\n")
+    write_jsonl(tmp_path / "in/pool.jsonl", [{"text": "alone"}, {"text": "b2", "doc": "q", "pos": 2},
                                           {"text": "b1", "doc": "q", "pos": 1}, {"text": ""}])
     out = tmp_path / "out"
-    assert build("--input", tmp_path, "--out", out, "--format", "text") == 0
+    assert build("--input", tmp_path / "in", "--out", out, "--format", "text") == 0
     got = chunks(out)
     assert [(c.doc, [s.text for s in c.segments]) for c in got] == [
         ("book", ["It was a dark night.", "The end."]), ("pool-000001", ["alone"]), ("q", ["b1", "b2"])]

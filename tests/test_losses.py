@@ -101,16 +101,17 @@ def test_chunked_kl_matches_naive_value_and_grads(kind, chunk_size):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
-def test_gradient_flows_into_both_sides_with_a_shared_trainable_head():
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_gradient_flows_into_both_sides_with_a_shared_trainable_head(temperature):
     """Trainable M: both sides are the student (same LoRA head); p gets gradient unless detached."""
     head = make_head("lora", 0)
     p_h, q_h = hidden(1), hidden(2)
     trainable = [p_h, q_h, head.a, head.b]
 
-    naive_kl(p_h, q_h, head, head).mean().backward()
+    naive_kl(p_h, q_h, head, head, temperature).mean().backward()
     ref = grads(trainable)
     zero(trainable)
-    chunked_kl(p_h, q_h, head, head, chunk_size=3).backward()
+    chunked_kl(p_h, q_h, head, head, temperature, chunk_size=3, scale_t2=False).backward()
     for got, want in zip(grads(trainable), ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 

@@ -2,7 +2,7 @@
 
     python -m toy.smoke [--out assets/smoke]
 
-- ``llm/``: a tiny random-init Qwen2-style LM and a BPE tokenizer trained on the sentences below;
+- ``llm/``: a tiny Qwen2-style LM trained briefly on the sentences below, and their BPE tokenizer;
 - ``speech/``: a few dozen sentences spoken by espeak-ng, as shards (``python -m shards.build --tts``);
 - ``text/``: the same kind of sentences as text shards (the anti-forgetting mix).
 Each part is built only when its folder is missing; each is written to a temporary name first.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toy.tiny import tiny_llm, train_tokenizer
+from toy.tiny import pretrain_lm, tiny_llm, train_tokenizer
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
 PLACES = ["paris", "rome", "the park", "the river", "the market", "the school"]
@@ -54,8 +54,11 @@ def build(out: Path, sample_rate: int = 16000) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "llm").exists():
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            tokenizer = train_tokenizer(sentences(400, seed=1), tmp, vocab_size=400)
-            tiny_llm(tokenizer, tmp)
+            texts = sentences(400, seed=1)
+            tokenizer = train_tokenizer(texts, tmp, vocab_size=400)
+            model = tiny_llm(tokenizer, tmp)
+            pretrain_lm(model, tokenizer, texts, steps=150)
+            model.save_pretrained(tmp)
             shutil.copytree(tmp, out / "llm")
     if not (out / "speech").exists():
         build_shards(sentences(48, seed=2), out / "speech",

@@ -40,3 +40,27 @@ def tiny_llm(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path, hidden: in
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return model
+
+
+def pretrain_lm(model, tokenizer: PreTrainedTokenizerFast, texts: list[str], steps: int, lr: float = 3e-3,
+                batch: int = 32, seed: int = 0):
+    """Plain next-token training on ``texts`` so that the teacher has real (peaked) predictions."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    enc = tokenizer([tokenizer.bos_token + t for t in texts], add_special_tokens=False, padding=True,
+                    return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    model.train()
+    for _ in range(steps):
+        pick = torch.randint(len(texts), (batch,), generator=gen)
+        loss = model(input_ids=ids[pick], attention_mask=mask[pick], labels=labels[pick]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return float(loss)

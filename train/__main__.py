@@ -65,6 +65,19 @@ def trim_metrics(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
+def describe_partitions(engine, path: Path, world: int) -> None:
+    """Record how ZeRO-3 split the parameters (elements held per rank vs the whole model)."""
+    params = list(engine.module.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, local)
+    if dist.get_rank() == 0:
+        path.write_text(json.dumps({"world_size": world, "params_total": total, "params_trainable": trainable,
+                                    "params_per_rank": per_rank}, indent=2) + "\n")
+
+
 def progress(enabled: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -94,6 +107,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     check_sample_rate(cfg.data.speech, model.encoder.sample_rate)
     tokenizer = load_tokenizer(cfg.model)
     engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), cfg.train, world)
+    describe_partitions(engine, out / "engine.json", world)
     ckpt_dir = out / "checkpoints"
     resumed = checkpoint.resume(engine, ckpt_dir)
     step, consumed = resumed if resumed else (0, None)

@@ -124,7 +124,7 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: required key is missing")
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
+    except (ConfigError, ValueError) as exc:   # ValueError: sections of folders that cannot import ConfigError
         raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 

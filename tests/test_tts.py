@@ -1,0 +1,167 @@
+"""TTS backends: espeak-ng output, variants, shell-safety, the command backend, errors, parallel runs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards.tts import TTSConfig, TTSError, make_tts, synthesize_many
+from train.config import ConfigError, from_dict
+
+SR = 16000
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+# Writes a 0.5 s, 440 Hz stereo sine at 8 kHz to argv[2] and the text it got (argv[1]) to argv[3].
+# Text "fail" exits 3 with a message, "sleep" hangs, "nothing" writes no file.
+SCRIPT = """
+import sys, time
+import numpy as np, soundfile as sf
+text, wav, log = sys.argv[1], sys.argv[2], sys.argv[3]
+open(log, "w", encoding="utf-8").write(text)
+if text == "fail":
+    sys.exit("boom: cannot speak")
+if text == "sleep":
+    time.sleep(60)
+if text != "nothing":
+    t = np.arange(4000) / 8000
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    sf.write(wav, np.stack([tone, tone], axis=1), 8000)
+"""
+
+
+@pytest.fixture
+def command_cfg(tmp_path: Path) -> tuple[TTSConfig, Path]:
+    script = tmp_path / "fake_tts.py"
+    script.write_text(SCRIPT)
+    log = tmp_path / "received.txt"
+    cfg = TTSConfig(backend="command", command=[sys.executable, str(script), "{text}", "{wav}", str(log)],
+                    timeout_s=20.0)
+    return cfg, log
+
+
+def test_espeak_rate_and_duration():
+    native = make_tts(TTSConfig(), 22050).synthesize(SENTENCE)
+    tts = make_tts(TTSConfig(), SR)
+    audio = tts.synthesize(SENTENCE)
+    assert tts.sample_rate == SR
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert 1.0 < len(audio) / SR < 4.0
+    assert abs(len(audio) - len(native) * SR / 22050) <= 1  # resampled, same duration
+    assert np.abs(audio).max() > 0.1 and np.isfinite(audio).all()
+
+
+def test_variants_are_distinct_and_deterministic():
+    cfg = TTSConfig(voices=["en-us", "en-gb"], speeds=[140, 220], pitches=[30, 70])
+    tts = make_tts(cfg, SR)
+    audios = [tts.synthesize(SENTENCE, v) for v in range(8)]
+    for i in range(8):
+        for j in range(i + 1, 8):
+            assert len(audios[i]) != len(audios[j]) or not np.array_equal(audios[i], audios[j]), (i, j)
+    # combinations are voices x speeds x pitches: variant 2 is en-us at 220 wpm, variant 0 at 140 wpm
+    assert len(audios[2]) < 0.8 * len(audios[0])
+    assert np.array_equal(tts.synthesize(SENTENCE, 8 + 3), audios[3])
+
+
+@pytest.mark.parametrize("backend", ["espeak-ng", "command"])
+def test_shell_metacharacters_are_not_executed(backend, tmp_path, monkeypatch, command_cfg):
+    monkeypatch.chdir(tmp_path)
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    text = "$(touch PWNED); rm -rf keep; `touch PWNED2` | cat > pwned3 && touch PWNED4 & {wav} {text}"
+    cfg = TTSConfig() if backend == "espeak-ng" else command_cfg[0]
+    audio = make_tts(cfg, SR).synthesize(text)
+    assert len(audio) > 0.2 * SR
+    assert keep.is_dir()
+    for name in ("PWNED", "PWNED2", "pwned3", "PWNED4"):
+        assert not (tmp_path / name).exists(), name
+    if backend == "command":
+        assert command_cfg[1].read_text(encoding="utf-8") == text  # one argument, verbatim
+
+
+def test_leading_dash_is_spoken_not_parsed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tts = make_tts(TTSConfig(), SR)
+    for text in ("--help", "-w evil.wav -v xx hello", "--version"):
+        audio = tts.synthesize(text)
+        assert 0.3 < len(audio) / SR < 6.0, text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_command_backend_reads_resamples_and_downmixes(command_cfg):
+    cfg, log = command_cfg
+    text = "It's {text} \"quoted\" and 'single' ; | & > < * ? ~ $HOME"
+    audio = make_tts(cfg, SR).synthesize(text)
+    assert log.read_text(encoding="utf-8") == text
+    assert audio.dtype == np.float32 and audio.shape == (SR // 2,)
+    spectrum = np.abs(np.fft.rfft(audio))
+    assert abs(np.argmax(spectrum) * SR / len(audio) - 440) <= 2  # the tone survived resampling
+    assert 0.45 < np.abs(audio).max() < 0.55  # stereo averaged, not summed
+
+
+def test_command_failures_are_tts_errors(command_cfg):
+    tts = make_tts(command_cfg[0], SR)
+    with pytest.raises(TTSError, match=r"command TTS of 'fail': exit status 1: boom: cannot speak"):
+        tts.synthesize("fail")
+    with pytest.raises(TTSError, match="wrote no audio file"):
+        tts.synthesize("nothing")
+    with pytest.raises(TTSError, match="text is empty"):
+        tts.synthesize("  \n")
+    with pytest.raises(TTSError, match="NUL"):
+        tts.synthesize("a\0b")
+    results = synthesize_many(command_cfg[0], SR, ["one", "fail", "two"])
+    assert isinstance(results[1], TTSError) and "boom" in str(results[1])
+    assert all(isinstance(r, np.ndarray) and r.shape == (SR // 2,) for r in (results[0], results[2]))
+
+
+def test_timeout_is_a_tts_error(command_cfg):
+    cfg = command_cfg[0]
+    cfg.timeout_s = 1.0
+    start = time.monotonic()
+    with pytest.raises(TTSError, match="timed out after 1 s"):
+        make_tts(cfg, SR).synthesize("sleep")
+    assert time.monotonic() - start < 15
+
+
+def test_missing_program_and_unknown_voice_fail_early():
+    with pytest.raises(TTSError, match="not found"):
+        make_tts(TTSConfig(backend="command", command=["/nonexistent/tts", "{text}", "{wav}"]), SR)
+    with pytest.raises(TTSError, match="voice 'xx-nonexistent'"):
+        make_tts(TTSConfig(voices=["en-us", "xx-nonexistent"]), SR)
+    with pytest.raises(TTSError, match="voice 'xx-nonexistent'"):
+        synthesize_many(TTSConfig(voices=["xx-nonexistent"]), SR, ["hello"])
+
+
+def test_synthesize_many_parallel_matches_serial():
+    cfg = TTSConfig(voices=["en-us", "en-gb"], speeds=[150, 200])
+    texts = ["One small step.", "", "A second sentence here.", "Third.", "Four and more words."]
+    serial = synthesize_many(cfg, SR, texts)
+    parallel = synthesize_many(cfg, SR, texts, workers=2)
+    assert isinstance(serial[1], TTSError) and isinstance(parallel[1], TTSError)
+    assert str(serial[1]) == str(parallel[1])
+    for i in (0, 2, 3, 4):
+        assert np.array_equal(serial[i], parallel[i]), i
+    assert len(serial[2]) > len(serial[3])  # in input order
+    variants = [1, 1, 1, 1, 1]
+    fixed = synthesize_many(cfg, SR, texts, variants=variants, workers=2)
+    assert np.array_equal(fixed[0], make_tts(cfg, SR).synthesize(texts[0], 1))
+    with pytest.raises(ValueError, match="5 texts but 2 variants"):
+        synthesize_many(cfg, SR, texts, variants=[0, 1])
+
+
+@pytest.mark.parametrize(("data", "key"), [
+    ({"voices": []}, "tts.voices"),
+    ({"voices": ["--help"]}, "tts.voices"),
+    ({"speeds": [20]}, "tts.speeds"),
+    ({"pitches": [150]}, "tts.pitches"),
+    ({"timeout_s": 0}, "tts.timeout_s"),
+    ({"backend": "command", "command": ["say", "{text}"]}, "tts.command"),
+    ({"backend": "command"}, "tts.command"),
+    ({"backend": "festival"}, "tts.backend"),
+])
+def test_config_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        from_dict(TTSConfig, data, "tts")
