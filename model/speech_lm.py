@@ -91,8 +91,11 @@ class SpeechLM(nn.Module):
                 len(counts), hidden))
         return out, layout
 
-    def student_hidden(self, batch: Batch) -> tuple[torch.Tensor, Layout]:
-        """Last hidden states of the student on the interleaved layout: [B, Ts, H]."""
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, Layout]:
+        """Last hidden states of the student on the interleaved layout: [B, Ts, H].
+
+        Call the module (``model(batch)``), not a method: under ZeRO-3 the forward hook is what gathers
+        the boundary embeddings, which belong to this module itself."""
         embeds, layout = self.student_embeddings(batch)
         out = self._decoder(teacher=False)(inputs_embeds=embeds, attention_mask=layout.student_mask.long())
         return out.last_hidden_state, layout

@@ -27,6 +27,7 @@ from train.experiment import ExperimentConfig, load_experiment
 from train.schedule import decay_start
 
 DONE = "DONE"
+EXPORT_TOLERANCE = {False: 1e-4, True: 3e-2}   # fp32 / bf16: relative logit difference of model vs export
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -88,8 +89,8 @@ def progress(enabled: bool):
 def train(cfg: ExperimentConfig, round_: int) -> Path:
     from model.build import build_speech_lm, load_tokenizer
     from train.data import BatchSource, check_sample_rate
-    from train.engine import build_engine, init_distributed
-    from train.export import export
+    from train.engine import build_engine, init_distributed, use_bf16
+    from train.export import export, verify_export
     from train.objective import Objective
 
     rank, world = init_distributed()
@@ -154,7 +155,15 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     dist.barrier()
     if rank == 0:
         export(cfg, ckpt_dir, "final", out / "export")
-        (out / DONE).write_text(json.dumps({"step": step}) + "\n")
+    dist.barrier()
+    probe, _ = source.next(step, micro=0)   # a batch past the last step: data no step has seen
+    diff = verify_export(engine.module.model, out / "export", probe.to(engine.device), rank)
+    if rank == 0:
+        tolerance = EXPORT_TOLERANCE[use_bf16(cfg.train)]
+        if diff > tolerance:
+            raise RuntimeError(f"{out / 'export'}: exported model's logits differ from the trained model's "
+                               f"by {diff:.3g} (relative; tolerance {tolerance})")
+        (out / DONE).write_text(json.dumps({"step": step, "export_max_logit_diff": diff}) + "\n")
     dist.barrier()
     return out
 

@@ -59,3 +59,26 @@ def export(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+@torch.no_grad()
+def probe_logits(model, batch) -> torch.Tensor:
+    """Student logits at the valid positions of a batch (collective under ZeRO-3: all ranks call it)."""
+    hidden, layout = model(batch)
+    return model.student_head(hidden[layout.student_mask]).float()
+
+
+def verify_export(engine_model, export_dir: Path, batch, rank: int) -> float | None:
+    """Max |logit difference| between the engine's model and the exported one on ``batch``, relative to the
+    largest logit (rank 0; None elsewhere)."""
+    from model.build import load_export
+
+    was_training = engine_model.training
+    engine_model.eval()
+    reference = probe_logits(engine_model, batch)
+    engine_model.train(was_training)
+    if rank != 0:
+        return None
+    exported, _ = load_export(export_dir)
+    diff = (probe_logits(exported, batch.to("cpu")) - reference.cpu()).abs().max()
+    return float(diff / reference.abs().max().clamp(min=1.0).cpu())

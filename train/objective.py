@@ -42,7 +42,7 @@ class Objective(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        hidden, layout = self.model.student_hidden(batch)
+        hidden, layout = self.model(batch)
         teacher = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
         student_at = hidden[layout.map_row, layout.map_student]
         teacher_at = teacher[layout.map_row, layout.map_teacher]
