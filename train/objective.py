@@ -14,7 +14,7 @@ from torch import nn
 from model.inputs import Batch
 from model.speech_lm import SpeechLM
 from train.config import require
-from train.losses import combine, distillation_loss, nll_loss
+from train.losses import combine, distillation_loss, forgetting, misalignment, nll_loss
 
 
 @dataclass
@@ -60,3 +60,21 @@ class Objective(nn.Module):
         return {"loss": loss, "kl": dist.detach() if dist is not None else zero,
                 "nll": nll.detach() if nll is not None else zero,
                 "tokens": torch.tensor(float(layout.map_row.numel()), device=loss.device)}
+
+    @torch.no_grad()
+    def diagnostics(self, batch: Batch) -> torch.Tensor:
+        """Sums for M and F on a held-out batch: [M sum, M positions, F sum, F positions].
+
+        M = KL(student(text) || student(speech)) at the aligned positions of the interleaved layout;
+        F = KL(teacher(text) || student(text)) at every text position. Sums, so ranks and batches add up.
+        """
+        hidden, layout = self.model(batch)
+        student_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=False)
+        teacher_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
+        chunk, sync = self.cfg.chunk_size, self.distributed
+        m = misalignment(student_text[layout.map_row, layout.map_teacher], hidden[layout.map_row, layout.map_student],
+                         self.model.student_head, chunk, reduction="sum", sync_ranks=sync)
+        mask = layout.teacher_mask
+        f = forgetting(teacher_text[mask], student_text[mask], self.teacher_head, self.model.student_head, chunk,
+                       reduction="sum", sync_ranks=sync)
+        return torch.tensor([float(m), float(layout.map_row.numel()), float(f), float(mask.sum())])

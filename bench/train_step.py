@@ -1,0 +1,260 @@
+"""Throughput of a training step: 2-rank DeepSpeed ZeRO-3 on CPU against a 1-process plain PyTorch loop.
+
+A step is forward + backward + optimizer step of ``train.objective.Objective`` (student, teacher and
+chunked KL) on one packed micro-batch per rank (x ``train.grad_accum``). Both variants see the same
+per-rank batches, built before timing (data preparation is not timed): the ZeRO-3 run (launched with
+``torch.distributed.run``; ``train.engine.build_engine`` with the merged ``ds_configs/zero3_cpu.json``)
+steps every rank's batch at once; the plain loop (``torch.optim.AdamW`` over the same parameter groups,
+gradient clipping, no process group) steps rank 0's batch, then rank 1's, and so on. Scaling is
+(ZeRO-3 tokens/s) / (ranks x plain tokens/s); tokens are the aligned target tokens the loss sees.
+Each process runs ``--threads`` threads (default 1: 2 ranks x 1 thread against 1 process x 1 thread).
+
+    PYTHONPATH=. python bench/train_step.py [--steps 8 --warmup 2 --ranks 2 key=value ...]
+
+Overrides go to the smoke config after the bench's own (data.docs_per_batch=16, data.text_ratio=0).
+The last line is ``RESULT zero3_cpu_scaling <value>`` (goal >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from train.config import split_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_OVERRIDES = ["data.docs_per_batch=16", "data.text_ratio=0"]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/smoke.yaml")
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps (per rank)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--ranks", type=int, default=2, help="ZeRO-3 processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--worker", choices=["zero3", "plain"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(args)
+    if args.steps < 1 or args.warmup < 0 or args.ranks < 1 or args.threads < 1:
+        p.error("--steps, --ranks and --threads must be >= 1, --warmup >= 0")
+    args.user_overrides = overrides
+    args.overrides = BENCH_OVERRIDES + overrides + [f"train.max_steps={args.warmup + args.steps}"]
+    return args
+
+
+# ---- workers -------------------------------------------------------------------------------------
+def setup(args: argparse.Namespace, cfg):
+    """The model and each rank's micro-batches for every step (built before timing)."""
+    from model.build import build_speech_lm, load_tokenizer
+    from train.data import BatchSource, check_sample_rate
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(cfg.seed)
+    model = build_speech_lm(cfg.model)
+    check_sample_rate(cfg.data.speech, model.encoder.sample_rate)
+    tokenizer = load_tokenizer(cfg.model)
+    steps = args.warmup + args.steps
+    batches = {}   # rank -> [[micro-batch, ...] per step]
+    for rank in range(args.ranks):
+        source = BatchSource(cfg.data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed, rank,
+                             args.ranks)
+        batches[rank] = [[source.next(step, micro)[0] for micro in range(cfg.train.grad_accum)]
+                         for step in range(steps)]
+    return model, batches
+
+
+def run_steps(step_fn, steps: list, warmup: int, sample_rate: int, sync=lambda: None) -> dict:
+    """Run ``step_fn`` on each step's micro-batches; time, tokens and audio seconds after ``warmup`` steps."""
+    timed = torch.zeros(2, dtype=torch.float64)   # target tokens, audio seconds
+    losses = []
+    for i, micro_batches in enumerate(steps):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        tokens, loss = step_fn(micro_batches)
+        losses.append(loss)
+        if i >= warmup:
+            audio = sum(float(b.wave_lengths.sum()) for b in micro_batches) / sample_rate
+            timed += torch.tensor([tokens, audio], dtype=torch.float64)
+    sync()
+    return {"seconds": time.perf_counter() - start, "tokens": timed[0].item(), "audio_s": timed[1].item(),
+            "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def zero3_worker(args: argparse.Namespace) -> dict | None:
+    """One rank of the ZeRO-3 run (under torch.distributed.run); rank 0 returns the totals."""
+    import torch.distributed as dist
+
+    from train.__main__ import ensure_assets
+    from train.engine import build_engine, init_distributed
+    from train.experiment import load_experiment
+    from train.objective import Objective
+
+    rank, world = init_distributed()
+    if world != args.ranks:
+        raise SystemExit(f"--ranks {args.ranks} but the launcher started {world} processes")
+    cfg = load_experiment(args.config, args.overrides)
+    ensure_assets(cfg, rank)
+    model, batches = setup(args, cfg)
+    engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), cfg.train, world)
+
+    def step(micro_batches: list) -> tuple[float, float]:
+        tokens = loss = 0.0
+        for batch in micro_batches:
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            tokens, loss = tokens + out["tokens"].item(), loss + out["loss"].item()
+        return tokens, loss / len(micro_batches)
+
+    result = run_steps(step, batches[rank], args.warmup, model.encoder.sample_rate, sync=dist.barrier)
+    totals = torch.tensor([result["tokens"], result["audio_s"]], dtype=torch.float64)
+    dist.all_reduce(totals)
+    rss: list = [None] * world
+    dist.all_gather_object(rss, peak_rss_mib())
+    dist.destroy_process_group()
+    if rank:
+        return None
+    params = list(engine.module.parameters())
+    return {**result, "tokens": totals[0].item(), "audio_s": totals[1].item(), "rss_mib": rss,
+            "params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+            "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)}
+
+
+def plain_worker(args: argparse.Namespace) -> dict:
+    """One process, no DeepSpeed: the same objective and batches, AdamW with the same groups and betas."""
+    from train.engine import deepspeed_config, param_groups
+    from train.experiment import load_experiment
+    from train.objective import Objective
+
+    cfg = load_experiment(args.config, args.overrides)
+    model, batches = setup(args, cfg)
+    objective = Objective(model, cfg.loss)
+    opt_params = deepspeed_config(cfg.train, world=1)["optimizer"]["params"]
+    optimizer = torch.optim.AdamW(param_groups(objective, cfg.train), betas=tuple(opt_params["betas"]),
+                                  eps=opt_params["eps"])
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+
+    def step(micro_batches: list) -> tuple[float, float]:
+        tokens = loss = 0.0
+        for batch in micro_batches:
+            out = objective(batch)
+            (out["loss"] / len(micro_batches)).backward()
+            tokens, loss = tokens + out["tokens"].item(), loss + out["loss"].item()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens, loss / len(micro_batches)
+
+    # Rank 0's batch of a step, then rank 1's ...: the same work the ranks share, one after the other.
+    steps = [batches[rank][i] for i in range(args.warmup + args.steps) for rank in range(args.ranks)]
+    result = run_steps(step, steps, args.warmup * args.ranks, model.encoder.sample_rate)
+    return {**result, "rss_mib": [peak_rss_mib()], "params": sum(p.numel() for p in objective.parameters()),
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+# ---- driver --------------------------------------------------------------------------------------
+def run_worker(args: argparse.Namespace, mode: str, out: Path) -> dict:
+    script = ["-m", "bench.train_step", "--worker", mode, "--out", str(out), "--config", args.config,
+              "--steps", str(args.steps), "--warmup", str(args.warmup), "--ranks", str(args.ranks),
+              "--threads", str(args.threads), *args.user_overrides]
+    launch = [sys.executable]
+    if mode == "zero3":
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.ranks)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE", "DS_ACCELERATOR": "cpu",
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(launch + script, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not out.is_file():
+        raise SystemExit(f"bench worker {mode} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(out.read_text())
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine() -> str:
+    usable = len(os.sched_getaffinity(0))
+    return (f"{cpu_model()}, {os.cpu_count()} cores ({usable} usable); torch {torch.__version__}, "
+            f"deepspeed {version('deepspeed')}")
+
+
+def report(args: argparse.Namespace, rows: dict[str, dict], load: list[str]) -> float:
+    console = Console()
+    if not console.is_terminal:
+        console.width = 120
+    zero3, plain = rows["zero3"], rows["plain"]
+    table = Table(title=f"Training step (fwd+bwd+optimizer), {args.config} with {' '.join(args.overrides)}",
+                  caption=f"{machine()}\nload average before / between / after: {' / '.join(load)}")
+    for col in ("variant", "processes x threads", "timed steps", "s / step", "tokens / s", "audio-s / s",
+                "peak RSS MiB per rank", "loss first -> last"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    labels = {"zero3": f"ZeRO-3 DeepSpeed, {args.ranks} ranks (gloo)", "plain": "plain PyTorch AdamW, 1 process"}
+    for name, r in rows.items():
+        steps = args.steps * (args.ranks if name == "plain" else 1)
+        table.add_row(labels[name], f"{args.ranks if name == 'zero3' else 1} x {args.threads}", str(steps),
+                      f"{r['seconds'] / steps:.3f}", f"{r['tokens'] / r['seconds']:.0f}",
+                      f"{r['audio_s'] / r['seconds']:.1f}", " / ".join(f"{m:.0f}" for m in r["rss_mib"]),
+                      f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+    console.print(table)
+    if abs(zero3["tokens"] - plain["tokens"]) > 0.5:
+        raise SystemExit(f"variants saw different data: {zero3['tokens']} vs {plain['tokens']} target tokens")
+    scaling = (zero3["tokens"] / zero3["seconds"]) / (args.ranks * plain["tokens"] / plain["seconds"])
+    console.print(f"{zero3['tokens'] / args.steps / args.ranks:.0f} target tokens and "
+                  f"{zero3['audio_s'] / args.steps / args.ranks:.1f} audio-s per rank and step; params "
+                  f"{zero3['params']:,} ({zero3['trainable']:,} trainable); data preparation not timed")
+    console.print(f"scaling = ZeRO-3 tokens/s / ({args.ranks} x plain tokens/s) = {scaling:.3f} (goal >= 0.8)")
+    for name, r in rows.items():
+        print(f"RESULT {name}_tokens_per_s {r['tokens'] / r['seconds']:.1f}")
+        print(f"RESULT {name}_audio_s_per_s {r['audio_s'] / r['seconds']:.2f}")
+        print(f"RESULT {name}_peak_rss_mib {max(r['rss_mib']):.0f}")
+    print(f"RESULT zero3_cpu_scaling {scaling:.4f}")
+    return scaling
+
+
+def main() -> None:
+    args = parse()
+    if args.worker:
+        result = zero3_worker(args) if args.worker == "zero3" else plain_worker(args)
+        if result is not None:
+            Path(args.out).write_text(json.dumps(result))
+        return
+    if torch.cuda.is_available():
+        print("GPU present: the GPU training-step benchmark is bench/gpu_train.py (a later issue); "
+              "this CPU benchmark is skipped.")
+        return
+    load = [" ".join(f"{x:.2f}" for x in os.getloadavg())]
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp, Console().status("running ...") as status:
+        for mode in ("zero3", "plain"):   # zero3 first: its rank 0 builds missing assets
+            status.update(f"{mode} ...")
+            rows[mode] = run_worker(args, mode, Path(tmp) / f"{mode}.json")
+            load.append(" ".join(f"{x:.2f}" for x in os.getloadavg()))
+    report(args, rows, load)
+
+
+if __name__ == "__main__":
+    main()

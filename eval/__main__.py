@@ -1,0 +1,177 @@
+"""Evaluate a trained round: spoken benchmarks in three modes, the gap, and the diagnostics M and F.
+
+    python -m eval --config CONFIG --round R [key=value ...]
+    torchrun --nproc_per_node N -m eval --config CONFIG --round R     (items split across ranks)
+
+Reads ``runs/<name>/round-R/export`` (plain torch, no DeepSpeed) and the original LLM
+(``model.llm.path``, the teacher); writes ``runs/<name>/round-R/eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from train.config import ConfigError, split_overrides
+from train.experiment import ExperimentConfig, load_experiment
+
+METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "salad_gap"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    args, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--round", type=int, default=0)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(args), overrides
+
+
+def init_ranks() -> tuple[int, int]:
+    """Join a launcher's process group when there is one; evaluation needs no DeepSpeed."""
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(values: list, world: int) -> list:
+    if world == 1:
+        return values
+    parts: list = [None] * world
+    dist.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def load_models(cfg: ExperimentConfig, export_dir: Path, device: torch.device):
+    """The exported student with the original LLM as its teacher (for teacher_text and F)."""
+    from transformers import AutoModelForCausalLM
+
+    from model.build import load_export
+
+    if not (export_dir / "speech_config.json").is_file():
+        raise FileNotFoundError(f"{export_dir}: no exported model; train this round first (python -m train)")
+    student, tokenizer = load_export(export_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.model.llm.path).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.teacher = teacher
+    return student.to(device).eval(), tokenizer
+
+
+def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path, rank: int, world: int) -> dict:
+    from rich.progress import Progress
+
+    from eval.benchmarks import read_items
+    from eval.mcq import LM, prompt_document, score_item, shots_for, speech_prefix_embeddings, text_prefix_embeddings
+    from eval.spoken import build_spoken, load_spoken
+
+    items = read_items(task.path)
+    if task.limit:
+        items = items[: task.limit]
+    spoken_dir = Path(cfg.eval.spoken_dir or run_dir / "spoken") / task.name
+    if rank == 0:
+        build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers)
+    barrier(world)
+    audio = load_spoken(spoken_dir)
+    missing = [it.id for it in items if it.id not in audio]
+    if missing:
+        raise ValueError(f"{spoken_dir}: no speech for items {missing[:5]} (see its rejects.jsonl)")
+    lms = {"teacher_text": LM.of(student.teacher), "student_text": LM.of(student.llm),
+           "student_speech": LM.of(student.llm)}
+    bos = tokenizer.bos_token_id
+    rows = []
+    mine = list(range(rank, len(items), world))
+    with Progress(disable=rank != 0, transient=True) as bar:
+        job = bar.add_task(f"eval {task.name}", total=len(mine))
+        for i in mine:
+            item, shots = items[i], shots_for(items, i, task.shots, cfg.seed)
+            text_doc = prompt_document(item, shots, tokenizer, None)
+            speech_doc = prompt_document(item, shots, tokenizer, audio)
+            picks = {}
+            for mode, lm in lms.items():
+                if mode == "student_speech":
+                    prefix = lambda: speech_prefix_embeddings(student, speech_doc, bos)  # noqa: E731
+                else:
+                    prefix = lambda lm=lm: text_prefix_embeddings(lm, text_doc, bos)  # noqa: E731
+                picks[mode] = score_item(prefix, lm, item, tokenizer, cfg.eval.norm)
+            rows.append((i, {m: int(p == item.answer) for m, p in picks.items()}))
+            bar.advance(job)
+    rows = sorted(gather(rows, world))
+    correct = {m: [r[m] for _, r in rows] for m in picks}
+    return task_metrics(correct, cfg.eval.bootstrap, cfg.seed)
+
+
+def task_metrics(correct: dict[str, list[int]], n_bootstrap: int, seed: int) -> dict:
+    """Accuracy per mode, gap, text_gap, n and bootstrap 95% intervals, from the repo's metric module."""
+    import evaluate
+
+    metric = evaluate.load(str(METRIC_DIR))
+    return metric.compute(**correct, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int) -> dict[str, float]:
+    """M and F on held-out speech documents (``eval.heldout``); empty when none is configured."""
+    if not cfg.eval.heldout:
+        return {}
+    from model.inputs import interleave, pack
+    from shards.stream import ShardStream
+    from train.objective import Objective
+
+    objective = Objective(student, cfg.loss)
+    stream = ShardStream([(cfg.eval.heldout, 1.0)], seed=cfg.seed, rank=rank, world=world, epochs=1)
+    totals = torch.zeros(4)
+    chunks = []
+    for n, chunk in enumerate(stream):
+        if n * world >= cfg.eval.heldout_docs:
+            break
+        chunks.append(chunk)
+    for start in range(0, len(chunks), 8):
+        rng = np.random.default_rng([cfg.seed, rank, start])
+        docs = [interleave(c, tokenizer, cfg.inputs, rng) for c in chunks[start: start + 8]]
+        batch = pack(docs, student.vectors_for, cfg.inputs.context, tokenizer.bos_token_id)
+        totals += objective.diagnostics(batch.to(student.boundary.device))
+    if world > 1:
+        dist.all_reduce(totals)
+    return {"M": float(totals[0] / totals[1].clamp(min=1)), "F": float(totals[2] / totals[3].clamp(min=1))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_experiment(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from shards.format import atomic_write_json
+
+    rank, world = init_ranks()
+    torch.manual_seed(cfg.seed)
+    run_dir = cfg.run.path()
+    round_dir = run_dir / f"round-{args.round}"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    student, tokenizer = load_models(cfg, round_dir / "export", torch.device(device))
+    result = {"tasks": {t.name: evaluate_task(cfg, t, student, tokenizer, run_dir, rank, world)
+                        for t in cfg.eval.tasks}}
+    result.update(diagnostics(cfg, student, tokenizer, rank, world))
+    if rank == 0:
+        atomic_write_json(round_dir / "eval.json", result)
+        print(f"wrote {round_dir / 'eval.json'}", file=sys.stderr)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
