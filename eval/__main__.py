@@ -101,11 +101,10 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
             speech_doc = prompt_document(item, shots, tokenizer, audio)
             picks = {}
             for mode, lm in lms.items():
-                if mode == "student_speech":
-                    prefix = lambda: speech_prefix_embeddings(student, speech_doc, bos)  # noqa: E731
-                else:
-                    prefix = lambda lm=lm: text_prefix_embeddings(lm, text_doc, bos)  # noqa: E731
-                picks[mode] = score_item(prefix, lm, item, tokenizer, cfg.eval.norm)
+                with torch.no_grad():
+                    prefix = (speech_prefix_embeddings(student, speech_doc, bos) if mode == "student_speech"
+                              else text_prefix_embeddings(lm, text_doc, bos))
+                picks[mode] = score_item(lm, prefix, item, tokenizer, cfg.eval.norm)
             rows.append((i, {m: int(p == item.answer) for m, p in picks.items()}))
             bar.advance(job)
     rows = sorted(gather(rows, world))

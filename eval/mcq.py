@@ -119,9 +119,9 @@ def normalise(logprobs: torch.Tensor, choices: list[list[int]], texts: list[str]
     return logprobs / torch.tensor(lengths, dtype=logprobs.dtype, device=logprobs.device)
 
 
-def score_item(prefix_fn: Callable[[], torch.Tensor], lm: LM, item: MCQItem, tokenizer, norm: str,
+def score_item(lm: LM, prefix: torch.Tensor, item: MCQItem, tokenizer, norm: str,
                scorer: Callable = choice_logprobs) -> int:
     """Index of the choice with the best length-normalised log-probability."""
     choices = [tokenizer.encode(c, add_special_tokens=False) or [tokenizer.eos_token_id] for c in item.choices]
-    scores = normalise(scorer(lm, prefix_fn(), choices), choices, item.choices, norm)
+    scores = normalise(scorer(lm, prefix, choices), choices, item.choices, norm)
     return int(torch.argmax(scores))
