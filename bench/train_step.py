@@ -81,19 +81,20 @@ def setup(args: argparse.Namespace, cfg):
 def run_steps(step_fn, steps: list, warmup: int, sample_rate: int, sync=lambda: None) -> dict:
     """Run ``step_fn`` on each step's micro-batches; time, tokens and audio seconds after ``warmup`` steps."""
     timed = torch.zeros(2, dtype=torch.float64)   # target tokens, audio seconds
-    losses = []
     for i, micro_batches in enumerate(steps):
         if i == warmup:
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         tokens, loss = step_fn(micro_batches)
-        losses.append(loss)
+        if i == 0:
+            first_loss = loss
         if i >= warmup:
             audio = sum(float(b.wave_lengths.sum()) for b in micro_batches) / sample_rate
             timed += torch.tensor([tokens, audio], dtype=torch.float64)
+    cpu = time.process_time() - cpu_start
     sync()
-    return {"seconds": time.perf_counter() - start, "tokens": timed[0].item(), "audio_s": timed[1].item(),
-            "loss_first": losses[0], "loss_last": losses[-1]}
+    return {"seconds": time.perf_counter() - start, "cpu_s": cpu, "tokens": timed[0].item(), "audio_s": timed[1].item(),
+            "loss_first": first_loss}
 
 
 def peak_rss_mib() -> float:
@@ -129,13 +130,14 @@ def zero3_worker(args: argparse.Namespace) -> dict | None:
     result = run_steps(step, batches[rank], args.warmup, model.encoder.sample_rate, sync=dist.barrier)
     totals = torch.tensor([result["tokens"], result["audio_s"]], dtype=torch.float64)
     dist.all_reduce(totals)
-    rss: list = [None] * world
-    dist.all_gather_object(rss, peak_rss_mib())
+    per_rank: list = [None] * world   # (peak RSS, CPU seconds) of every rank
+    dist.all_gather_object(per_rank, (peak_rss_mib(), result["cpu_s"]))
     dist.destroy_process_group()
     if rank:
         return None
     params = list(engine.module.parameters())
-    return {**result, "tokens": totals[0].item(), "audio_s": totals[1].item(), "rss_mib": rss,
+    return {**result, "tokens": totals[0].item(), "audio_s": totals[1].item(),
+            "rss_mib": [r for r, _ in per_rank], "cpu_s": [c for _, c in per_rank],
             "params": sum(getattr(p, "ds_numel", p.numel()) for p in params),
             "trainable": sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)}
 
@@ -168,7 +170,8 @@ def plain_worker(args: argparse.Namespace) -> dict:
     # Rank 0's batch of a step, then rank 1's ...: the same work the ranks share, one after the other.
     steps = [batches[rank][i] for i in range(args.warmup + args.steps) for rank in range(args.ranks)]
     result = run_steps(step, steps, args.warmup * args.ranks, model.encoder.sample_rate)
-    return {**result, "rss_mib": [peak_rss_mib()], "params": sum(p.numel() for p in objective.parameters()),
+    return {**result, "rss_mib": [peak_rss_mib()], "cpu_s": [result["cpu_s"]],
+            "params": sum(p.numel() for p in objective.parameters()),
             "trainable": sum(p.numel() for p in trainable)}
 
 
@@ -209,16 +212,16 @@ def report(args: argparse.Namespace, rows: dict[str, dict], load: list[str]) -> 
     zero3, plain = rows["zero3"], rows["plain"]
     table = Table(title=f"Training step (fwd+bwd+optimizer), {args.config} with {' '.join(args.overrides)}",
                   caption=f"{machine()}\nload average before / between / after: {' / '.join(load)}")
-    for col in ("variant", "processes x threads", "timed steps", "s / step", "tokens / s", "audio-s / s",
-                "peak RSS MiB per rank", "loss first -> last"):
+    for col in ("variant", "processes x threads", "timed steps", "wall s / step", "CPU s / step per rank",
+                "tokens / s", "audio-s / s", "peak RSS MiB per rank", "loss, step 1"):
         table.add_column(col, justify="left" if col == "variant" else "right")
     labels = {"zero3": f"ZeRO-3 DeepSpeed, {args.ranks} ranks (gloo)", "plain": "plain PyTorch AdamW, 1 process"}
     for name, r in rows.items():
         steps = args.steps * (args.ranks if name == "plain" else 1)
         table.add_row(labels[name], f"{args.ranks if name == 'zero3' else 1} x {args.threads}", str(steps),
-                      f"{r['seconds'] / steps:.3f}", f"{r['tokens'] / r['seconds']:.0f}",
-                      f"{r['audio_s'] / r['seconds']:.1f}", " / ".join(f"{m:.0f}" for m in r["rss_mib"]),
-                      f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}")
+                      f"{r['seconds'] / steps:.3f}", " / ".join(f"{c / steps:.3f}" for c in r["cpu_s"]),
+                      f"{r['tokens'] / r['seconds']:.0f}", f"{r['audio_s'] / r['seconds']:.1f}",
+                      " / ".join(f"{m:.0f}" for m in r["rss_mib"]), f"{r['loss_first']:.4f}")
     console.print(table)
     if abs(zero3["tokens"] - plain["tokens"]) > 0.5:
         raise SystemExit(f"variants saw different data: {zero3['tokens']} vs {plain['tokens']} target tokens")

@@ -89,7 +89,11 @@ def test_kill_and_resume_gives_the_same_losses(full_run, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "smoke/round-0/DONE").exists()
-    subprocess.run(train_cmd(run_dir), cwd=REPO, env=env(), check=True, timeout=600)
+    # resume through the deepspeed launcher, with activation checkpointing on: same numbers
+    deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                 str(29500 + os.getpid() % 1000), "--module", "train", *COMMON, f"run.dir={run_dir}",
+                 "model.gradient_checkpointing=true"]
+    subprocess.run(deepspeed, cwd=REPO, env=env(), check=True, timeout=600, stdout=subprocess.DEVNULL)
     resumed, reference = metrics(run_dir), metrics(full_run)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for a, b in zip(resumed[4:], reference[4:], strict=True):
