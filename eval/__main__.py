@@ -116,7 +116,7 @@ def task_metrics(correct: dict[str, list[int]], n_bootstrap: int, seed: int) -> 
     """Accuracy per mode, gap, text_gap, n and bootstrap 95% intervals, from the repo's metric module."""
     import evaluate
 
-    metric = evaluate.load(str(METRIC_DIR))
+    metric = evaluate.load(str(METRIC_DIR), keep_in_memory=True)
     return metric.compute(**correct, n_bootstrap=n_bootstrap, seed=seed)
 
 

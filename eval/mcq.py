@@ -72,7 +72,7 @@ def text_prefix_embeddings(lm: LM, doc: Document, bos_id: int | None) -> torch.T
 
 
 def speech_prefix_embeddings(model: SpeechLM, doc: Document, bos_id: int | None) -> torch.Tensor:
-    budget = sum(len(s.ids) if s.kind == TEXT else model.vectors_for(len(s.audio)) + 2 for s in doc.spans) + 1
+    budget = max(doc.lengths(model.vectors_for, bos_id is not None))   # the whole prompt, never truncated
     batch = pack([doc], model.vectors_for, budget, bos_id).to(model.boundary.device)
     embeds, _ = model.student_embeddings(batch)
     return embeds
