@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -124,23 +123,12 @@ def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int
     """M and F on held-out speech documents (``eval.heldout``); empty when none is configured."""
     if not cfg.eval.heldout:
         return {}
-    from model.inputs import interleave, pack
-    from shards.stream import ShardStream
+    from train.data import heldout_batch
     from train.objective import Objective
 
-    objective = Objective(student, cfg.loss)
-    stream = ShardStream([(cfg.eval.heldout, 1.0)], seed=cfg.seed, rank=rank, world=world, epochs=1)
-    totals = torch.zeros(4)
-    chunks = []
-    for n, chunk in enumerate(stream):
-        if n * world >= cfg.eval.heldout_docs:
-            break
-        chunks.append(chunk)
-    for start in range(0, len(chunks), 8):
-        rng = np.random.default_rng([cfg.seed, rank, start])
-        docs = [interleave(c, tokenizer, cfg.inputs, rng) for c in chunks[start: start + 8]]
-        batch = pack(docs, student.vectors_for, cfg.inputs.context, tokenizer.bos_token_id)
-        totals += objective.diagnostics(batch.to(student.boundary.device))
+    batch = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, student.vectors_for,
+                          cfg.seed, rank, world)
+    totals = Objective(student, cfg.loss).diagnostics(batch.to(student.boundary.device))
     if world > 1:
         dist.all_reduce(totals)
     return {"M": float(totals[0] / totals[1].clamp(min=1)), "F": float(totals[2] / totals[3].clamp(min=1))}

@@ -83,7 +83,7 @@ def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> t
     """Summed log-probability of each choice after ``prefix`` [1, P, H]; the prefix runs once (KV cache)."""
     n, P = len(choices), prefix.shape[1]
     out = lm.decoder(inputs_embeds=prefix, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     cache.batch_repeat_interleave(n)
     length = max(len(c) for c in choices)
     ids = torch.zeros(n, length, dtype=torch.long, device=prefix.device)
@@ -93,7 +93,7 @@ def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> t
         mask[i, : len(c)] = True
     attention = torch.cat([torch.ones(n, P, dtype=torch.long, device=prefix.device), mask.long()], 1)
     positions = torch.arange(P, P + length, device=prefix.device).expand(n, -1)
-    hidden = lm.decoder(inputs_embeds=lm.embed(ids), attention_mask=attention, past_key_values=cache,
+    hidden = lm.decoder(inputs_embeds=lm.embed(ids), attention_mask=attention, cache=cache,
                         position_ids=positions, use_cache=False).last_hidden_state
     last = out.last_hidden_state[:, -1:].expand(n, 1, -1)
     predictors = torch.cat([last, hidden[:, :-1]], 1)       # position j predicts choice token j

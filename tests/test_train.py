@@ -13,7 +13,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-COMMON = ["--config", "configs/smoke.yaml", "train.max_steps=8", "train.save_every=4", "data.text_ratio=0.25"]
+COMMON = ["--config", "configs/smoke.yaml", "train.max_steps=8", "train.save_every=4", "data.text_ratio=0.25",
+          "train.diagnostics_every=4"]
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +49,8 @@ def test_two_rank_zero3_trains_and_partitions(full_run):
     speech = [r["loss"] for r in log if r["audio_s_per_s"] > 0]
     assert len(speech) >= 4 and sum(speech[-2:]) / 2 < sum(speech[:2]) / 2, speech
     assert log[-1]["lr"] == 0.0 and log[0]["lr"] > 0          # warmup-stable-decay ends at 0
+    assert [r["step"] for r in log if "M" in r] == [4, 8]     # M and F on held-out speech every 4 steps
+    assert all(r["M"] > 0 and r["F"] >= 0 for r in log if "M" in r)
     engine = json.loads((out / "engine.json").read_text())
     assert engine["world_size"] == 2
     assert all(n < 0.6 * engine["params_total"] for n in engine["params_per_rank"]), engine
@@ -113,3 +116,29 @@ def test_bad_override_names_the_key():
                             cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "train.max_stepz: unknown key" in result.stderr
     assert torch.__version__  # the interpreter under test is the project's
+
+
+def test_eval_writes_gap_and_diagnostics_deterministically(full_run):
+    cmd = [sys.executable, "-m", "eval", "--config", "configs/smoke.yaml", "--round", "0", f"run.dir={full_run}"]
+    results = []
+    for _ in range(2):   # a fresh process each time: the same checkpoint must give the same numbers
+        subprocess.run(cmd, cwd=REPO, env=env(), check=True, timeout=600, capture_output=True)
+        results.append(json.loads((full_run / "smoke/round-0/eval.json").read_text()))
+    assert results[0] == results[1]
+    task = results[0]["tasks"]["smoke"]
+    assert task["n"] == 12
+    for mode in ("teacher_text", "student_text", "student_speech"):
+        assert 0.0 <= task[mode] <= 1.0
+        lo, hi = task["ci95"][mode]
+        assert lo <= task[mode] <= hi
+    assert task["gap"] == pytest.approx(task["teacher_text"] - task["student_speech"])
+    assert task["text_gap"] == pytest.approx(task["teacher_text"] - task["student_text"])
+    assert results[0]["M"] > 0 and results[0]["F"] >= 0
+    assert (full_run / "smoke/spoken/smoke/index.json").is_file()     # spoken benchmark built once, reused
+
+    report = subprocess.run([sys.executable, "-m", "eval.report", "--config", "configs/smoke.yaml",
+                             f"run.dir={full_run}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    rounds = json.loads((full_run / "smoke/report.json").read_text())["rounds"]
+    assert rounds[0]["round"] == 0 and rounds[0]["tasks"]["smoke"]["n"] == 12
+    assert (full_run / "smoke/gap_per_task.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

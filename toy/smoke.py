@@ -4,7 +4,9 @@
 
 - ``llm/``: a tiny Qwen2-style LM trained briefly on the sentences below, and their BPE tokenizer;
 - ``speech/``: a few dozen sentences spoken by espeak-ng, as shards (``python -m shards.build --tts``);
-- ``text/``: the same kind of sentences as text shards (the anti-forgetting mix).
+- ``text/``: the same kind of sentences as text shards (the anti-forgetting mix);
+- ``heldout/``: other sentences, spoken, for the diagnostics M and F;
+- ``bench.jsonl``: a small multiple-choice benchmark in the eval schema (where did it happen?).
 Each part is built only when its folder is missing; each is written to a temporary name first.
 """
 
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.benchmarks import MCQItem, write_items
 from toy.tiny import pretrain_lm, tiny_llm, train_tokenizer
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
@@ -65,6 +68,23 @@ def build(out: Path, sample_rate: int = 16000) -> None:
                      ["--tts", "espeak-ng", "--sr", str(sample_rate), "--workers", "2"])
     if not (out / "text").exists():
         build_shards(sentences(64, seed=3), out / "text", [])
+    if not (out / "heldout").exists():
+        build_shards(sentences(16, seed=4), out / "heldout", ["--tts", "espeak-ng", "--sr", str(sample_rate)])
+    if not (out / "bench.jsonl").exists():
+        write_items(out / "bench.jsonl", benchmark(12, seed=5))
+
+
+def benchmark(n: int, seed: int) -> list[MCQItem]:
+    """Items like "alice found a red ball near" -> one of four places (the teacher saw such sentences)."""
+    items = []
+    for i, text in enumerate(sentences(n, seed)):
+        context, place = text.rsplit(" near ", 1)
+        others = [p for p in PLACES if p != place][: 3]
+        choices = [f" near {p}" for p in [place, *others]]
+        answer = i % len(choices)
+        choices[0], choices[answer] = choices[answer], choices[0]
+        items.append(MCQItem(id=f"smoke-{i:03d}", task="smoke", context=context, choices=choices, answer=answer))
+    return items
 
 
 def main() -> None:

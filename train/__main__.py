@@ -88,7 +88,7 @@ def progress(enabled: bool):
 
 def train(cfg: ExperimentConfig, round_: int) -> Path:
     from model.build import build_speech_lm, load_tokenizer
-    from train.data import BatchSource, check_sample_rate
+    from train.data import BatchSource, check_sample_rate, heldout_batch
     from train.engine import build_engine, init_distributed, use_bf16
     from train.export import export, verify_export
     from train.objective import Objective
@@ -117,6 +117,10 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
         trim_metrics(metrics, step)
     source = BatchSource(cfg.data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed, rank, world,
                          consumed)
+    heldout = None
+    if cfg.train.diagnostics_every and cfg.eval.heldout:
+        heldout = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, model.vectors_for,
+                                cfg.seed, rank, world).to(engine.device)
     pre_decay = decay_start(cfg.train.max_steps, cfg.train.decay_fraction)
     bar = progress(rank == 0)
     with bar:
@@ -143,6 +147,10 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             record = {"step": step, "loss": totals[0].item() / n, "kl": totals[1].item() / n,
                       "nll": totals[2].item() / n, "lr": engine.get_lr()[0],
                       "tokens_per_s": totals[3].item() / elapsed, "audio_s_per_s": totals[4].item() / elapsed}
+            if heldout is not None and step % cfg.train.diagnostics_every == 0:
+                sums = engine.module.diagnostics(heldout)   # collective under ZeRO-3: every rank runs it
+                dist.all_reduce(sums)
+                record.update(M=float(sums[0] / sums[1].clamp(min=1)), F=float(sums[2] / sums[3].clamp(min=1)))
             if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
                 write_metrics(metrics, record)
             bar.update(task, completed=step, status=f"loss {record['loss']:.3f} kl {record['kl']:.3f} "

@@ -83,3 +83,13 @@ class BatchSource:
         else:
             docs = [interleave(c, self.tokenizer, self.inputs, rng) for c in chunks]
         return pack(docs, self.vectors_for, self.inputs.context, self.tokenizer.bos_token_id), is_text
+
+
+def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors_for: Callable[[int], int],
+                  seed: int, rank: int, world: int) -> Batch:
+    """A fixed interleaved batch of held-out speech documents (this rank's share) for M and F."""
+    stream = ShardStream([(path, 1.0)], seed=seed, rank=rank, world=world, epochs=1)
+    chunks = [c for _, c in zip(range(max(1, docs // world)), stream, strict=False)]
+    rng = np.random.default_rng([seed, rank])
+    return pack([interleave(c, tokenizer, inputs, rng) for c in chunks], vectors_for, inputs.context,
+                tokenizer.bos_token_id)

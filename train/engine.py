@@ -38,11 +38,13 @@ class TrainConfig:
     log_every: int = 1
     save_every: int = 50
     keep_checkpoints: int = 2        # periodic checkpoints kept (pre-decay and final are always kept)
+    diagnostics_every: int = 0       # log M and F on a held-out batch (eval.heldout) every N steps; 0: off
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.diagnostics_every >= 0, "diagnostics_every", "must be >= 0")
         require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
         require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
 
