@@ -58,8 +58,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---- workers -------------------------------------------------------------------------------------
-def setup(args: argparse.Namespace, cfg):
-    """The model and each rank's micro-batches for every step (built before timing)."""
+def setup(args: argparse.Namespace, cfg, ranks: list[int]):
+    """The model and the micro-batches of ``ranks`` for every step (built before timing)."""
     from model.build import build_speech_lm, load_tokenizer
     from train.data import BatchSource, check_sample_rate
 
@@ -70,7 +70,7 @@ def setup(args: argparse.Namespace, cfg):
     tokenizer = load_tokenizer(cfg.model)
     steps = args.warmup + args.steps
     batches = {}   # rank -> [[micro-batch, ...] per step]
-    for rank in range(args.ranks):
+    for rank in ranks:
         source = BatchSource(cfg.data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed, rank,
                              args.ranks)
         batches[rank] = [[source.next(step, micro)[0] for micro in range(cfg.train.grad_accum)]
@@ -115,7 +115,7 @@ def zero3_worker(args: argparse.Namespace) -> dict | None:
         raise SystemExit(f"--ranks {args.ranks} but the launcher started {world} processes")
     cfg = load_experiment(args.config, args.overrides)
     ensure_assets(cfg, rank)
-    model, batches = setup(args, cfg)
+    model, batches = setup(args, cfg, [rank])
     engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), cfg.train, world)
 
     def step(micro_batches: list) -> tuple[float, float]:
@@ -149,7 +149,7 @@ def plain_worker(args: argparse.Namespace) -> dict:
     from train.objective import Objective
 
     cfg = load_experiment(args.config, args.overrides)
-    model, batches = setup(args, cfg)
+    model, batches = setup(args, cfg, list(range(args.ranks)))
     objective = Objective(model, cfg.loss)
     opt_params = deepspeed_config(cfg.train, world=1)["optimizer"]["params"]
     optimizer = torch.optim.AdamW(param_groups(objective, cfg.train), betas=tuple(opt_params["betas"]),
