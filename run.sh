@@ -4,6 +4,12 @@
 #   ./run.sh test [PYTEST_ARGS...]   install what is missing, then run the test suite
 #   ./run.sh setup                   install what is missing (.venv, requirements, espeak-ng)
 #   ./run.sh [CONFIG] [key=value...] run the rounds of an experiment (default: the toy world)
+#
+# Rounds: round 0 = stage-I training + eval; round r = selection, stage-II training, eval; then the
+# report. Each job skips what is complete, so a killed run continues where it stopped. Set
+# SALAD_LAUNCH to run the jobs under a launcher, e.g.
+#   SALAD_LAUNCH="torchrun --standalone --nproc_per_node 8 -m" ./run.sh configs/qwen2.5-3b-mimi.yaml
+#   SALAD_LAUNCH="deepspeed --hostfile hosts --num_gpus 8 --module" ./run.sh configs/qwen2.5-3b-mimi.yaml
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
@@ -50,6 +56,24 @@ runtime_env() {
 
 setup() { ensure_system; ensure_venv; runtime_env; }
 
+run_rounds() {
+  local config=$1; shift
+  local launch rounds
+  read -r -a launch <<< "${SALAD_LAUNCH:-$PY -m}"
+  rounds=$("$PY" -m train.experiment "$config" "$@" --get rounds)
+  for ((r = 0; r <= rounds; r++)); do
+    if [ "$r" -gt 0 ]; then
+      log "round $r: selection"
+      "${launch[@]}" selection --config "$config" --round "$r" "$@"
+    fi
+    log "round $r: training"
+    "${launch[@]}" train --config "$config" --round "$r" "$@"
+    log "round $r: evaluation"
+    "${launch[@]}" eval --config "$config" --round "$r" "$@"
+  done
+  "$PY" -m eval.report --config "$config" "$@"
+}
+
 case "${1:-}" in
   test)
     shift
@@ -61,15 +85,16 @@ case "${1:-}" in
     log "ready: $VENV"
     ;;
   -h|--help|help)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     setup
-    if [ ! -f "$ROOT/configs/toy.yaml" ] || [ ! -f "$ROOT/train/__main__.py" ]; then
-      log "the rounds driver is not built yet; available now: ./run.sh test, python -m shards.build"
-      sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    config=configs/toy.yaml
+    if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config=$1; shift; fi
+    if [ ! -f "$config" ]; then
+      log "config $config not found (the toy default is not built yet: try ./run.sh configs/smoke.yaml)"
       exit 2
     fi
-    exec "$PY" -m train.rounds "$@"
+    run_rounds "$config" "$@"
     ;;
 esac

@@ -10,14 +10,14 @@ Reads ``runs/<name>/round-R/export`` (plain torch, no DeepSpeed) and the origina
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from model.build import load_export
 from train.config import ConfigError, split_overrides
+from train.dist import all_reduce, barrier, device, finish, gather, init_ranks
 from train.experiment import ExperimentConfig, load_experiment
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "salad_gap"
@@ -28,45 +28,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--round", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="evaluate again even if eval.json exists")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(args), overrides
-
-
-def init_ranks() -> tuple[int, int]:
-    """Join a launcher's process group when there is one; evaluation needs no DeepSpeed."""
-    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather(values: list, world: int) -> list:
-    if world == 1:
-        return values
-    parts: list = [None] * world
-    dist.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-def load_models(cfg: ExperimentConfig, export_dir: Path, device: torch.device):
-    """The exported student with the original LLM as its teacher (for teacher_text and F)."""
-    from transformers import AutoModelForCausalLM
-
-    from model.build import load_export
-
-    if not (export_dir / "speech_config.json").is_file():
-        raise FileNotFoundError(f"{export_dir}: no exported model; train this round first (python -m train)")
-    student, tokenizer = load_export(export_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.model.llm.path).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    student.teacher = teacher
-    return student.to(device).eval(), tokenizer
 
 
 def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path, rank: int, world: int) -> dict:
@@ -82,7 +46,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
     spoken_dir = Path(cfg.eval.spoken_dir or run_dir / "spoken") / task.name
     if rank == 0:
         build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers)
-    barrier(world)
+    barrier()
     audio = load_spoken(spoken_dir)
     missing = [it.id for it in items if it.id not in audio]
     if missing:
@@ -106,7 +70,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
                 picks[mode] = score_item(lm, prefix, item, tokenizer, cfg.eval.norm)
             rows.append((i, {m: int(p == item.answer) for m, p in picks.items()}))
             bar.advance(job)
-    rows = sorted(gather(rows, world))
+    rows = sorted(gather(rows))
     correct = {m: [r[m] for _, r in rows] for m in picks}
     return task_metrics(correct, cfg.eval.bootstrap, cfg.seed)
 
@@ -129,8 +93,7 @@ def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int
     batch = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, student.vectors_for,
                           cfg.seed, rank, world)
     totals = Objective(student, cfg.loss).diagnostics(batch.to(student.boundary.device))
-    if world > 1:
-        dist.all_reduce(totals)
+    all_reduce(totals)
     return {"M": float(totals[0] / totals[1].clamp(min=1)), "F": float(totals[2] / totals[3].clamp(min=1))}
 
 
@@ -143,20 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from shards.format import atomic_write_json
 
-    rank, world = init_ranks()
-    torch.manual_seed(cfg.seed)
     run_dir = cfg.run.path()
     round_dir = run_dir / f"round-{args.round}"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
-    student, tokenizer = load_models(cfg, round_dir / "export", torch.device(device))
+    if (round_dir / "eval.json").is_file() and not args.force:
+        print(f"{round_dir / 'eval.json'} exists; nothing to do (--force evaluates again)", file=sys.stderr)
+        return 0
+    rank, world = init_ranks()
+    torch.manual_seed(cfg.seed)
+    student, tokenizer = load_export(round_dir / "export", teacher_path=cfg.model.llm.path)
+    student = student.to(device())
     result = {"tasks": {t.name: evaluate_task(cfg, t, student, tokenizer, run_dir, rank, world)
                         for t in cfg.eval.tasks}}
     result.update(diagnostics(cfg, student, tokenizer, rank, world))
     if rank == 0:
         atomic_write_json(round_dir / "eval.json", result)
         print(f"wrote {round_dir / 'eval.json'}", file=sys.stderr)
-    if world > 1:
-        dist.destroy_process_group()
+    finish()
     return 0
 
 

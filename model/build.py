@@ -87,12 +87,15 @@ def build_speech_lm(cfg: ModelConfig) -> SpeechLM:
     return model
 
 
-def load_export(folder: str | Path) -> tuple[SpeechLM, object]:
-    """A model directory written by ``train.export``: plain torch + transformers, no DeepSpeed."""
+def load_export(folder: str | Path, teacher_path: str | None = None) -> tuple[SpeechLM, object]:
+    """A model directory written by ``train.export``: plain torch + transformers, no DeepSpeed.
+
+    With ``teacher_path`` (the original LLM), the model gets it as its frozen teacher (evaluation's
+    teacher_text, the diagnostics F and D); the export's own LLM has LoRA merged, so it cannot be it."""
     folder = Path(folder)
     config_path = folder / "speech_config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not an exported SpeechLM directory")
+        raise FileNotFoundError(f"{config_path}: not an exported SpeechLM directory (train that round first)")
     config = json.loads(config_path.read_text())
     encoder_cfg = from_dict(EncoderConfig, config["encoder"], "encoder")
     if encoder_cfg.path:
@@ -101,7 +104,8 @@ def load_export(folder: str | Path) -> tuple[SpeechLM, object]:
     encoder = build_encoder(encoder_cfg)
     adapter = Adapter(from_dict(AdapterConfig, config["adapter"], "adapter"), in_dim=encoder.dim,
                       out_dim=llm.get_input_embeddings().embedding_dim)
-    model = _frozen(SpeechLM(llm, encoder, adapter))
+    teacher = _frozen(AutoModelForCausalLM.from_pretrained(teacher_path)) if teacher_path else None
+    model = _frozen(SpeechLM(llm, encoder, adapter, teacher=teacher))
     weights = load_file(str(folder / "speech.safetensors"))
     model.adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in weights.items() if k != "boundary"})
     model.boundary.data.copy_(weights["boundary"])

@@ -22,6 +22,7 @@ import multiprocessing as mp
 import re
 import shlex
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -462,3 +463,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def synthesize_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
+                     source: str = "") -> Path:
+    """Speak ``(doc id, text)`` pairs into the shard set ``out`` (one segment per document), unless it is
+    complete already; resumable like every build."""
+    if (out / INDEX_NAME).is_file():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = Path(tmp) / "texts.jsonl"
+        texts.write_text("".join(json.dumps({"text": text, "doc": doc}) + "\n" for doc, text in docs))
+        build(BuildConfig(input=texts, out=out, sr=sr, format="text", tts=tts, workers=workers, chunk_segments=1,
+                          source=source))
+    return out

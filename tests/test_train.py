@@ -119,7 +119,8 @@ def test_bad_override_names_the_key():
 
 
 def test_eval_writes_gap_and_diagnostics_deterministically(full_run):
-    cmd = [sys.executable, "-m", "eval", "--config", "configs/smoke.yaml", "--round", "0", f"run.dir={full_run}"]
+    cmd = [sys.executable, "-m", "eval", "--config", "configs/smoke.yaml", "--round", "0", "--force",
+           f"run.dir={full_run}"]
     results = []
     for _ in range(2):   # a fresh process each time: the same checkpoint must give the same numbers
         subprocess.run(cmd, cwd=REPO, env=env(), check=True, timeout=600, capture_output=True)

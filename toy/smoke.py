@@ -6,7 +6,8 @@
 - ``speech/``: a few dozen sentences spoken by espeak-ng, as shards (``python -m shards.build --tts``);
 - ``text/``: the same kind of sentences as text shards (the anti-forgetting mix);
 - ``heldout/``: other sentences, spoken, for the diagnostics M and F;
-- ``bench.jsonl``: a small multiple-choice benchmark in the eval schema (where did it happen?).
+- ``bench.jsonl``: a small multiple-choice benchmark in the eval schema (where did it happen?);
+- ``pool.jsonl``: an unlabelled text pool for selection: the story sentences, arithmetic and colours.
 Each part is built only when its folder is missing; each is written to a temporary name first.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.benchmarks import MCQItem, write_items
+from shards.format import atomic_write_bytes
 from toy.tiny import pretrain_lm, tiny_llm, train_tokenizer
 
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank"]
@@ -72,6 +74,23 @@ def build(out: Path, sample_rate: int = 16000) -> None:
         build_shards(sentences(16, seed=4), out / "heldout", ["--tts", "espeak-ng", "--sr", str(sample_rate)])
     if not (out / "bench.jsonl").exists():
         write_items(out / "bench.jsonl", benchmark(12, seed=5))
+    if not (out / "pool.jsonl").exists():
+        pool = pool_texts(seed=6)
+        atomic_write_bytes(out / "pool.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in pool).encode())
+
+
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+COLOURS = ["red", "green", "blue", "yellow", "white", "black"]
+
+
+def pool_texts(seed: int) -> list[str]:
+    """Three kinds of text, unlabelled: stories (like the natural speech), arithmetic and colour facts."""
+    rng = np.random.default_rng(seed)
+    arithmetic = [f"{NUMBERS[a]} plus {NUMBERS[b]} makes {NUMBERS[a + b] if a + b < 10 else 'many'}"
+                  for a, b in rng.integers(0, 10, size=(40, 2))]
+    colours = [f"the {t.split()[-1]} of {n} is {c}" for n, c, t in
+               zip(rng.choice(NAMES, 40), rng.choice(COLOURS, 40), rng.choice(THINGS, 40), strict=True)]
+    return sentences(40, seed) + arithmetic + colours
 
 
 def benchmark(n: int, seed: int) -> list[MCQItem]:

@@ -11,6 +11,7 @@ A killed run started again with the same command resumes from its latest checkpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,6 +28,7 @@ from train.experiment import ExperimentConfig, load_experiment
 from train.schedule import decay_start
 
 DONE = "DONE"
+PRE_DECAY = "pre-decay"
 EXPORT_TOLERANCE = {False: 1e-4, True: 3e-2}   # fp32 / bf16: relative logit difference of model vs export
 
 
@@ -45,7 +47,8 @@ def round_dir(cfg: ExperimentConfig, round_: int) -> Path:
 
 def ensure_assets(cfg: ExperimentConfig, rank: int) -> None:
     """Build missing assets (tiny LLM, shards) with the config's builder module, on rank 0 only."""
-    paths = [Path(cfg.model.llm.path)] + [Path(r.path) for r in cfg.data.speech + cfg.data.text]
+    paths = [Path(p) for p in (cfg.model.llm.path, *(r.path for r in cfg.data.speech + cfg.data.text),
+                               cfg.eval.heldout, *(t.path for t in cfg.eval.tasks), cfg.selection.pool) if p]
     if rank == 0 and cfg.data.assets and not all(p.exists() for p in paths):
         subprocess.run([sys.executable, "-m", cfg.data.assets], check=True)
     dist.barrier()
@@ -88,7 +91,7 @@ def progress(enabled: bool):
 
 def train(cfg: ExperimentConfig, round_: int) -> Path:
     from model.build import build_speech_lm, load_tokenizer
-    from train.data import BatchSource, check_sample_rate, heldout_batch
+    from train.data import BatchSource, check_sample_rate, heldout_batch, round_speech_sets
     from train.engine import build_engine, init_distributed, use_bf16
     from train.export import export, verify_export
     from train.objective import Objective
@@ -105,33 +108,41 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     model = build_speech_lm(cfg.model)
-    check_sample_rate(cfg.data.speech, model.encoder.sample_rate)
+    data = dataclasses.replace(cfg.data, speech=round_speech_sets(cfg.run.path(), cfg.data, round_))
+    check_sample_rate(data.speech, model.encoder.sample_rate)
     tokenizer = load_tokenizer(cfg.model)
-    engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), cfg.train, world)
+    schedule = cfg.train.for_round(round_)
+    engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), schedule, world)
     describe_partitions(engine, out / "engine.json", world)
     ckpt_dir = out / "checkpoints"
     resumed = checkpoint.resume(engine, ckpt_dir)
+    if resumed is None and round_ > 0:
+        checkpoint.start_from(engine, round_dir(cfg, round_ - 1) / "checkpoints", PRE_DECAY)
     step, consumed = resumed if resumed else (0, None)
     metrics = out / "metrics.jsonl"
     if rank == 0:
         trim_metrics(metrics, step)
-    source = BatchSource(cfg.data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed, rank, world,
+    source = BatchSource(data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed + round_, rank, world,
                          consumed)
     heldout = None
-    if cfg.train.diagnostics_every and cfg.eval.heldout:
+    if schedule.diagnostics_every and cfg.eval.heldout:
         heldout = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, model.vectors_for,
                                 cfg.seed, rank, world).to(engine.device)
-    pre_decay = decay_start(cfg.train.max_steps, cfg.train.decay_fraction)
+    pre_decay = decay_start(schedule.max_steps, schedule.decay_fraction)
+
+    def save_pre_decay() -> None:
+        if step == pre_decay and not (ckpt_dir / PRE_DECAY).exists():
+            checkpoint.save(engine, ckpt_dir, PRE_DECAY, step, source.state())
+
     bar = progress(rank == 0)
     with bar:
-        task = bar.add_task("train", total=cfg.train.max_steps, completed=step, status="")
-        while step < cfg.train.max_steps:
-            if step == pre_decay and step > 0 and not (ckpt_dir / "pre-decay").exists():
-                checkpoint.save(engine, ckpt_dir, "pre-decay", step, source.state())
+        task = bar.add_task(f"train round {round_}", total=schedule.max_steps, completed=step, status="")
+        while step < schedule.max_steps:
+            save_pre_decay()
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
             totals = torch.zeros(5)   # loss, kl, nll, target tokens, audio seconds
-            for micro in range(cfg.train.grad_accum):
+            for micro in range(schedule.grad_accum):
                 batch, _ = source.next(step, micro)
                 batch = batch.to(engine.device)
                 out_ = engine(batch)
@@ -143,22 +154,23 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             step += 1
             dist.all_reduce(totals)
             elapsed = time.perf_counter() - started
-            n = cfg.train.grad_accum * world
+            n = schedule.grad_accum * world
             record = {"step": step, "loss": totals[0].item() / n, "kl": totals[1].item() / n,
                       "nll": totals[2].item() / n, "lr": engine.get_lr()[0],
                       "tokens_per_s": totals[3].item() / elapsed, "audio_s_per_s": totals[4].item() / elapsed}
-            if heldout is not None and step % cfg.train.diagnostics_every == 0:
+            if heldout is not None and step % schedule.diagnostics_every == 0:
                 sums = engine.module.diagnostics(heldout)   # collective under ZeRO-3: every rank runs it
                 dist.all_reduce(sums)
                 record.update(M=float(sums[0] / sums[1].clamp(min=1)), F=float(sums[2] / sums[3].clamp(min=1)))
-            if rank == 0 and (step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+            if rank == 0 and (step % schedule.log_every == 0 or step == schedule.max_steps):
                 write_metrics(metrics, record)
             bar.update(task, completed=step, status=f"loss {record['loss']:.3f} kl {record['kl']:.3f} "
                        f"{record['tokens_per_s']:.0f} tok/s {record['audio_s_per_s']:.1f} audio-s/s")
-            if step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+            if step % schedule.save_every == 0 and step < schedule.max_steps:
                 checkpoint.save(engine, ckpt_dir, f"{checkpoint.PERIODIC_PREFIX}{step:07d}", step, source.state())
                 if rank == 0:
-                    checkpoint.prune(ckpt_dir, cfg.train.keep_checkpoints)
+                    checkpoint.prune(ckpt_dir, schedule.keep_checkpoints)
+    save_pre_decay()   # no decay phase (decay_fraction 0): the end is the pre-decay point
     checkpoint.save(engine, ckpt_dir, "final", step, source.state())
     dist.barrier()
     if rank == 0:

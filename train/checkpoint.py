@@ -38,3 +38,12 @@ def prune(folder: Path, keep: int) -> None:
     periodic = sorted(p for p in folder.glob(f"{PERIODIC_PREFIX}*") if p.is_dir())
     for old in periodic[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def start_from(engine, folder: Path, tag: str) -> None:
+    """Stage II: the weights and optimizer moments of another round's checkpoint, with this round's own
+    learning-rate schedule and data (same world size as the run that saved it)."""
+    path, _ = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False, load_optimizer_states=True,
+                                     load_lr_scheduler_states=False)
+    if path is None:
+        raise FileNotFoundError(f"{folder}/{tag}: no checkpoint to start stage II from")

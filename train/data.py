@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import yaml
 
 from model.inputs import Batch, InputsConfig, interleave, pack, text_document
-from shards.format import Chunk, read_index
+from shards.format import Chunk, atomic_write_bytes, read_index
 from shards.stream import ShardStream, StreamConfig, stream_loader
-from train.config import require
+from train.config import from_dict, require
 
 
 @dataclass
@@ -93,3 +95,27 @@ def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors
     rng = np.random.default_rng([seed, rank])
     return pack([interleave(c, tokenizer, inputs, rng) for c in chunks], vectors_for, inputs.context,
                 tokenizer.bos_token_id)
+
+
+DATA_YAML = "data.yaml"
+
+
+def round_speech_sets(run_dir: Path, cfg: DataConfig, round_: int) -> list[ShardSetRef]:
+    """Speech shard sets round ``round_`` trains on: the config's natural sets, plus every selected set
+    that ``runs/<name>/data.yaml`` lists from an earlier round up to this one."""
+    path = run_dir / DATA_YAML
+    if not path.is_file():
+        return list(cfg.speech)
+    entries = yaml.safe_load(path.read_text()) or {}
+    selected = [from_dict(ShardSetRef, {k: v for k, v in e.items() if k != "round"}, f"{path}: speech")
+                for e in entries.get("speech", []) if e.get("round", 0) <= round_]
+    return list(cfg.speech) + selected
+
+
+def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int) -> None:
+    """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op)."""
+    path = run_dir / DATA_YAML
+    entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"speech": []}
+    if not any(e["path"] == ref.path for e in entries["speech"]):
+        entries["speech"].append({"path": ref.path, "weight": ref.weight, "round": round_})
+        atomic_write_bytes(path, yaml.safe_dump(entries, sort_keys=False).encode())

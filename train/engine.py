@@ -6,6 +6,7 @@ owns learning rates, batch, accumulation, clipping and precision, which are merg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -39,12 +40,21 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2        # periodic checkpoints kept (pre-decay and final are always kept)
     diagnostics_every: int = 0       # log M and F on a held-out batch (eval.heldout) every N steps; 0: off
+    stage2_steps: int = 0            # optimizer steps of each stage-II round (>= 1); 0: max_steps
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
             require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.diagnostics_every >= 0, "diagnostics_every", "must be >= 0")
+        require(self.stage2_steps >= 0, "stage2_steps", "must be >= 0")
+
+    def for_round(self, round_: int) -> TrainConfig:
+        """Stage I (round 0) as configured; stage II continues from a pre-decay checkpoint: no warmup,
+        ``stage2_steps`` steps ending with the decay to 0."""
+        if round_ == 0:
+            return self
+        return dataclasses.replace(self, max_steps=self.stage2_steps or self.max_steps, warmup_steps=0)
         require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
         require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
 

@@ -14,7 +14,7 @@ from torch import nn
 from model.inputs import Batch
 from model.speech_lm import SpeechLM
 from train.config import require
-from train.losses import combine, distillation_loss, forgetting, misalignment, nll_loss
+from train.losses import chunked_kl, combine, distillation_loss, forgetting, misalignment, nll_loss
 
 
 @dataclass
@@ -63,18 +63,23 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, batch: Batch) -> torch.Tensor:
-        """Sums for M and F on a held-out batch: [M sum, M positions, F sum, F positions].
+        """Sums on a held-out batch: [M, aligned positions, F, text positions, D].
 
-        M = KL(student(text) || student(speech)) at the aligned positions of the interleaved layout;
-        F = KL(teacher(text) || student(text)) at every text position. Sums, so ranks and batches add up.
+        M = KL(student(text) || student(speech)) and D = KL(teacher(text) || student(speech)) at the aligned
+        positions of the interleaved layout; F = KL(teacher(text) || student(text)) at every text position.
+        Sums, so that ranks, batches and probe documents add up.
         """
         hidden, layout = self.model(batch)
         student_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=False)
         teacher_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
         chunk, sync = self.cfg.chunk_size, self.distributed
-        m = misalignment(student_text[layout.map_row, layout.map_teacher], hidden[layout.map_row, layout.map_student],
-                         self.model.student_head, chunk, reduction="sum", sync_ranks=sync)
+        speech = hidden[layout.map_row, layout.map_student]
+        head = self.model.student_head
+        m = misalignment(student_text[layout.map_row, layout.map_teacher], speech, head, chunk, reduction="sum",
+                         sync_ranks=sync)
+        d = chunked_kl(teacher_text[layout.map_row, layout.map_teacher], speech, self.teacher_head, head, 1.0, chunk,
+                       "sum", sync_ranks=sync)
         mask = layout.teacher_mask
-        f = forgetting(teacher_text[mask], student_text[mask], self.teacher_head, self.model.student_head, chunk,
-                       reduction="sum", sync_ranks=sync)
-        return torch.tensor([float(m), float(layout.map_row.numel()), float(f), float(mask.sum())])
+        f = forgetting(teacher_text[mask], student_text[mask], self.teacher_head, head, chunk, reduction="sum",
+                       sync_ranks=sync)
+        return torch.tensor([float(m), float(layout.map_row.numel()), float(f), float(mask.sum()), float(d)])

@@ -1,0 +1,158 @@
+"""Active selection for round R: find where the round R-1 student is misaligned, synthesize texts there.
+
+    python -m selection --config CONFIG --round R [key=value ...]
+    torchrun --nproc_per_node N -m selection --config CONFIG --round R   (embedding and probes split by rank)
+
+Writes ``runs/<name>/round-R/selection/``: ``clusters.json``, ``probe.json``, ``allocation.json``,
+``chosen.jsonl``, ``score_vs_share.png``, the synthesized shard set ``shards/`` and ``DONE``, and
+appends that shard set to ``runs/<name>/data.yaml``. Every file is written atomically and a re-run
+continues where a killed one stopped (the shard build itself is resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from train.config import ConfigError, split_overrides
+from train.experiment import ExperimentConfig, load_experiment
+
+DONE = "DONE"
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    args, overrides = split_overrides(argv)
+    parser = argparse.ArgumentParser(prog="python -m selection", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--round", type=int, required=True, help="R >= 1; uses the round R-1 student")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(args), overrides
+
+
+def natural_seconds(cfg: ExperimentConfig) -> float:
+    from shards.format import read_index
+
+    return sum(sum(s.get("seconds", 0.0) for s in read_index(ref.path)["shards"]) for ref in cfg.data.speech)
+
+
+def previously_chosen(run_dir: Path, round_: int) -> set[int]:
+    """Pool indices drawn in earlier rounds: never drawn again."""
+    chosen: set[int] = set()
+    for r in range(1, round_):
+        path = run_dir / f"round-{r}" / "selection" / "chosen.jsonl"
+        if path.is_file():
+            chosen.update(json.loads(line)["index"] for line in path.read_text().splitlines() if line)
+    return chosen
+
+
+def plot_scores(path: Path, table: list[dict], score_name: str) -> None:
+    """Score of each cluster against the share of the budget it received."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from shards.format import atomic_write_bytes
+
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    total = sum(row["seconds"] for row in table) or 1.0
+    ax.scatter([row["score"] for row in table], [row["seconds"] / total for row in table], s=12)
+    ax.set_xlabel(f"probe score {score_name} of the cluster")
+    ax.set_ylabel("share of the selected speech")
+    ax.set_title("active selection: score vs share selected")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def select(cfg: ExperimentConfig, round_: int) -> Path:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from model.build import load_export
+    from selection.allocate import allocate, allocation_table, target_shares
+    from selection.cluster import balanced_kmeans, cluster_summary
+    from selection.embed import embed_texts, read_pool
+    from selection.probe import probe_texts, score_clusters
+    from shards.build import synthesize_texts
+    from shards.format import atomic_write_bytes, atomic_write_json
+    from train.data import ShardSetRef, append_speech_set
+    from train.dist import barrier, device, init_ranks
+    from train.objective import Objective
+
+    sel = cfg.selection
+    if round_ < 1:
+        raise ValueError("--round: selection runs for rounds >= 1 (it uses the previous round's student)")
+    if not sel.pool:
+        raise ConfigError("selection.pool: a text pool is required")
+    rank, world = init_ranks()
+    console = Console(stderr=True)
+    run_dir = cfg.run.path()
+    out = run_dir / f"round-{round_}" / "selection"
+    if (out / DONE).is_file():
+        if rank == 0:
+            console.print(f"{out} is complete ({DONE} exists); nothing to do")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+
+    texts = read_pool(sel.pool)
+    vectors = embed_texts(texts, sel.embed, rank, world, cache_dir=run_dir / "pool_embeddings")
+    k = min(sel.clusters, len(texts))
+    labels, _ = balanced_kmeans(vectors, k, seed=cfg.seed, tolerance=sel.tolerance)
+    if rank == 0:
+        atomic_write_json(out / "clusters.json", {"clusters": cluster_summary(labels, texts)})
+
+    student, tokenizer = load_export(run_dir / f"round-{round_ - 1}" / "export", teacher_path=cfg.model.llm.path)
+    student = student.to(device())
+    probes = {c: [texts[i] for i in idx] for c, idx in probe_texts(labels, sel.probes, cfg.seed + round_).items()}
+    with Progress(disable=rank != 0, transient=True) as bar:
+        job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
+        scores = score_clusters(Objective(student, cfg.loss), probes, tokenizer, sel.tts, student.encoder.sample_rate,
+                                cfg.inputs.context, sel.workers, rank, world, progress=lambda: bar.advance(job))
+    score = np.array([scores[c][sel.score] for c in range(k)])
+    pool_share = np.bincount(labels, minlength=k) / len(labels)
+    shares = target_shares(pool_share, score, sel.gamma)
+    budget = sel.budget_s or sel.budget_fraction * natural_seconds(cfg)
+    seconds_per_text = np.array([len(t.split()) / sel.words_per_second for t in texts])
+    chosen = allocate(labels, score, sel.gamma, budget, seconds_per_text, seed=cfg.seed + round_,
+                      exclude=previously_chosen(run_dir, round_))
+    if rank == 0:
+        atomic_write_json(out / "probe.json", {"score": sel.score, "clusters": {str(c): v for c, v in scores.items()}})
+        table = allocation_table(labels, chosen, score, shares, seconds_per_text)
+        atomic_write_json(out / "allocation.json", {"gamma": sel.gamma, "budget_s": budget, "clusters": table})
+        lines = "".join(json.dumps({"index": i, "cluster": int(labels[i]), "text": texts[i]}) + "\n" for i in chosen)
+        atomic_write_bytes(out / "chosen.jsonl", lines.encode())
+        plot_scores(out / "score_vs_share.png", table, sel.score)
+        shards = synthesize_texts([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
+                                       student.encoder.sample_rate, sel.workers, source=f"selection-round-{round_}")
+        weight = sel.mix_weight or max(1e-3, budget / max(natural_seconds(cfg), 1e-9))
+        append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=weight), round_)
+        (out / DONE).write_text(json.dumps({"texts": len(chosen), "budget_s": budget}) + "\n")
+        console.print(f"round {round_}: selected {len(chosen)} texts (~{budget:.0f} s) from {k} clusters -> {shards}")
+    barrier()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_experiment(args.config, overrides)
+        select(cfg, args.round)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from train.dist import finish
+
+    finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

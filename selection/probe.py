@@ -1,0 +1,79 @@
+"""Per-cluster probes: how misaligned the current student is on each part of the text pool.
+
+A probe text is cut in two: its first half is spoken (TTS), its second half stays text. The student
+reads "speech, then text"; the diagnostics compare, at the second half's positions, the student on
+that input against the student (M) or the teacher (D) reading everything as text, and the teacher
+against the student on text (F). Clusters split across ranks; every rank gets every score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model.inputs import SPEECH, TEXT, Document, Span, pack
+from shards.tts import TTSConfig, TTSError, synthesize_many
+from train.objective import Objective
+
+SCORES = {"M": (0, 1), "F": (2, 3), "D": (4, 1)}   # (sum index, count index) in Objective.diagnostics
+
+
+def probe_texts(labels: np.ndarray, per_cluster: int, seed: int) -> dict[int, list[int]]:
+    """Pool indices of up to ``per_cluster`` probe texts per cluster, chosen by a seeded RNG."""
+    rng = np.random.default_rng([seed, 17])
+    out = {}
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        out[int(c)] = sorted(int(i) for i in rng.choice(members, size=min(per_cluster, len(members)), replace=False))
+    return out
+
+
+def split_text(text: str) -> tuple[str, str] | None:
+    """(spoken first half, text second half), or None when the text has fewer than two words."""
+    words = text.split()
+    if len(words) < 2:
+        return None
+    half = len(words) // 2
+    return " ".join(words[:half]), " ".join(words[half:])
+
+
+def probe_documents(texts: list[str], tokenizer, tts: TTSConfig, sample_rate: int, workers: int,
+                    variant_base: int = 0) -> list[Document]:
+    """Probe documents; texts whose speech cannot be synthesized are left out."""
+    halves = [split_text(t) for t in texts]
+    spoken = [h[0] for h in halves if h]
+    audio = synthesize_many(tts, sample_rate, spoken, [variant_base + i for i in range(len(spoken))], workers)
+    docs, k = [], 0
+    for h in halves:
+        if not h:
+            continue
+        wave = audio[k]
+        k += 1
+        if isinstance(wave, TTSError):
+            continue
+        docs.append(Document([Span(SPEECH, tokenizer.encode(h[0], add_special_tokens=False), wave),
+                              Span(TEXT, tokenizer.encode(" " + h[1], add_special_tokens=False))]))
+    return docs
+
+
+def score_clusters(objective: Objective, probes: dict[int, list[str]], tokenizer, tts: TTSConfig, sample_rate: int,
+                   context: int, workers: int, rank: int = 0, world: int = 1,
+                   progress: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
+    """M, F and D per cluster (means over its probe positions); clusters are split across ranks."""
+    clusters = sorted(probes)
+    sums = torch.zeros(len(clusters), 5)
+    model = objective.model
+    for j in range(rank, len(clusters), world):
+        docs = probe_documents(probes[clusters[j]], tokenizer, tts, sample_rate, workers, variant_base=j)
+        if docs:
+            batch = pack(docs, model.vectors_for, context, tokenizer.bos_token_id).to(model.boundary.device)
+            sums[j] = objective.diagnostics(batch)
+        if progress:
+            progress()
+    if world > 1:
+        dist.all_reduce(sums)
+    return {c: {name: float(sums[j, s] / sums[j, n].clamp(min=1)) for name, (s, n) in SCORES.items()}
+            | {"positions": int(sums[j, 1])} for j, c in enumerate(clusters)}

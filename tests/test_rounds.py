@@ -1,0 +1,90 @@
+"""Rounds end to end with ./run.sh on the smoke config: selection, stage II, eval, report, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from selection.probe import probe_texts, split_text
+from train.data import DataConfig, ShardSetRef, append_speech_set, round_speech_sets
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_split_text_and_probe_choice():
+    assert split_text("one") is None
+    assert split_text("a b c d e") == ("a b", "c d e")
+    import numpy as np
+
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    probes = probe_texts(labels, 2, seed=0)
+    assert sorted(probes) == [0, 1, 2] and [len(v) for v in probes.values()] == [2, 2, 1]
+    assert all(labels[i] == c for c, idx in probes.items() for i in idx)
+    assert probes == probe_texts(labels, 2, seed=0)
+
+
+def test_data_yaml_appends_once_and_rounds_see_their_sets(tmp_path):
+    cfg = DataConfig(speech=[ShardSetRef("natural")])
+    assert [r.path for r in round_speech_sets(tmp_path, cfg, 3)] == ["natural"]
+    append_speech_set(tmp_path, ShardSetRef("sel1", 0.5), 1)
+    append_speech_set(tmp_path, ShardSetRef("sel1", 0.5), 1)     # a re-run after a crash: no duplicate
+    append_speech_set(tmp_path, ShardSetRef("sel2", 0.5), 2)
+    entries = yaml.safe_load((tmp_path / "data.yaml").read_text())["speech"]
+    assert [e["path"] for e in entries] == ["sel1", "sel2"]
+    assert [r.path for r in round_speech_sets(tmp_path, cfg, 0)] == ["natural"]
+    assert [r.path for r in round_speech_sets(tmp_path, cfg, 1)] == ["natural", "sel1"]
+    assert [(r.path, r.weight) for r in round_speech_sets(tmp_path, cfg, 2)][-1] == ("sel2", 0.5)
+
+
+def run_sh(run_dir: Path, **kw) -> subprocess.Popen:
+    args = ["./run.sh", "configs/smoke.yaml", f"run.dir={run_dir}", "train.max_steps=6", "train.save_every=3",
+            "train.stage2_steps=3", "train.diagnostics_every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, **kw)
+
+
+@pytest.mark.slow
+def test_run_sh_two_rounds_resume_after_interruption(tmp_path):
+    out = tmp_path / "smoke"
+    proc = run_sh(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "round-1/selection/DONE"
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before round 1's selection finished"
+    os.killpg(proc.pid, signal.SIGKILL)        # interrupt during round 1 (after its selection)
+    proc.wait()
+    stamps = {p: p.stat().st_mtime for p in [out / "round-0/DONE", out / "round-0/eval.json", marker,
+                                                out / "round-1/selection/chosen.jsonl"]}
+    done = subprocess.run(["./run.sh", "configs/smoke.yaml", f"run.dir={tmp_path}", "train.max_steps=6",
+                           "train.save_every=3", "train.stage2_steps=3", "train.diagnostics_every=0"],
+                          cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=1500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(p.stat().st_mtime == t for p, t in stamps.items()), "finished steps must not be redone"
+    for r in (0, 1, 2):
+        assert (out / f"round-{r}/DONE").is_file() and (out / f"round-{r}/eval.json").is_file()
+    for r in (1, 2):
+        sel = out / f"round-{r}/selection"
+        for name in ("clusters.json", "probe.json", "allocation.json", "chosen.jsonl", "score_vs_share.png",
+                     "shards/index.json"):
+            assert (sel / name).is_file(), sel / name
+        chosen = [json.loads(x) for x in (sel / "chosen.jsonl").read_text().splitlines()]
+        seconds = json.loads((sel / "shards/index.json").read_text())
+        assert chosen and seconds["shards"]
+    chosen_1 = {json.loads(x)["index"] for x in (out / "round-1/selection/chosen.jsonl").read_text().splitlines()}
+    chosen_2 = {json.loads(x)["index"] for x in (out / "round-2/selection/chosen.jsonl").read_text().splitlines()}
+    assert not chosen_1 & chosen_2, "texts are never drawn twice"
+    entries = yaml.safe_load((out / "data.yaml").read_text())["speech"]
+    assert [e["round"] for e in entries] == [1, 2]
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
+    assert (out / "report.md").is_file()
+    # stage II started from the previous round's pre-decay checkpoint and ran its own schedule
+    log = [json.loads(x) for x in (out / "round-1/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and log[-1]["lr"] == 0.0
