@@ -36,12 +36,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from train.config import split_overrides
+from train.config import ConfigError, split_overrides
 
 if TYPE_CHECKING:
     from train.experiment import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # run as a script: bench/eval.py would shadow eval/
+    sys.path[0] = str(ROOT)
 BENCH_OVERRIDES = ["data.docs_per_batch=64", "data.text_ratio=0"]
 
 
@@ -224,10 +226,10 @@ def report(args: argparse.Namespace, rows: dict[str, dict], load: list[str]) -> 
         console.width = 120
     table = Table(title=f"Training step (fwd + bwd + optimizer): {args.config} {' '.join(args.overrides)}",
                   caption=f"{machine()}\nload average (1/5/15 min) before / between / after: {' / '.join(load)}")
-    for col in ("variant", "procs x threads", "timed steps", "wall s/step", "CPU s/step per rank", "tokens/s",
-                "audio-s/s", "peak RSS MiB per rank", "step-1 loss"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    labels = {"zero3": f"ZeRO-3 DeepSpeed ({zero3['backend']})", "plain": "plain PyTorch AdamW"}
+    for col in ("variant", "procs x\nthreads", "timed\nsteps", "wall\ns/step", "CPU s/step\nper rank", "tokens/s",
+                "audio-s/s", "peak RSS MiB\nper rank", "step-1\nloss"):
+        table.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
+    labels = {"zero3": f"ZeRO-3 ({zero3['backend']})", "plain": "plain PyTorch"}
     for name, r in rows.items():
         procs, steps = (args.ranks, args.steps) if name == "zero3" else (1, args.steps * args.ranks)
         table.add_row(labels[name], f"{procs} x {args.threads}", str(steps), f"{r['seconds'] / steps:.3f}",
@@ -250,6 +252,16 @@ def report(args: argparse.Namespace, rows: dict[str, dict], load: list[str]) -> 
     print(f"RESULT zero3_cpu_scaling {scaling:.4f}")
 
 
+def check_config(args: argparse.Namespace) -> None:
+    """Fail on a bad config or override here, with its message, not inside a launched rank."""
+    from train.experiment import load_experiment
+
+    try:
+        load_experiment(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 def main() -> None:
     args = parse()
     if args.worker:
@@ -261,6 +273,7 @@ def main() -> None:
         print("GPU present: the GPU training-step benchmark is bench/gpu_train.py (a later issue); "
               "this CPU benchmark is skipped.")
         return
+    check_config(args)
     load = [" ".join(f"{x:.2f}" for x in os.getloadavg())]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp, Console().status("running ...") as status:

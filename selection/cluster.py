@@ -36,8 +36,10 @@ def _sq_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def _margins(dist: np.ndarray) -> np.ndarray:
-    """Distance to the second-nearest minus to the nearest centroid, per point."""
-    out = np.empty(len(dist), dtype=np.float32)
+    """Distance to the second-nearest minus to the nearest centroid, per point (0 with one centroid)."""
+    out = np.zeros(len(dist), dtype=np.float32)
+    if dist.shape[1] == 1:
+        return out
     for start in range(0, len(dist), _CHUNK):
         two = np.partition(dist[start:start + _CHUNK], 1, axis=1)[:, :2]
         out[start:start + _CHUNK] = two[:, 1] - two[:, 0]
@@ -127,7 +129,8 @@ def balanced_kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 10, toler
                           init_method=faiss.ClusteringInitMethod_KMEANS_PLUS_PLUS)
     kmeans.train(x)
     centroids = kmeans.centroids.copy()
-    cap, low = math.ceil(n / k * (1 + tolerance)), math.floor(n / k * (1 - tolerance))
+    # rounded first, so that 100/7 * 1.05 = 15.000000000000002 still means a capacity of 15
+    cap, low = math.ceil(round(n / k * (1 + tolerance), 9)), math.floor(round(n / k * (1 - tolerance), 9))
     labels = None
     for _ in range(balance_passes):
         dist = _sq_distances(x, centroids)

@@ -114,6 +114,8 @@ def test_read_pool_formats_and_cache_folder(tmp_path):
     ])
     atomic_write_json(shards / "index.json", {"sr": 16000, "shards": [{"url": "shard-000000.tar"}]})
     assert read_pool(shards) == ["one text", "two text", "three"]
+    with pytest.raises(FileNotFoundError, match="no index"):
+        read_pool(tmp_path)   # a folder that is no shard set
     assert cache_dir_for(shards, EmbedConfig()) == shards / ".embeddings"
     assert cache_dir_for(jsonl, EmbedConfig()) == tmp_path / ".embeddings"
     assert cache_dir_for(jsonl, EmbedConfig(cache_dir=str(tmp_path / "c"))) == tmp_path / "c"
@@ -134,8 +136,6 @@ def test_read_pool_errors_name_the_file(tmp_path, name, content, message):
         path.write_text(content)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         read_pool(path)
-    with pytest.raises(FileNotFoundError, match="no index"):
-        read_pool(tmp_path)
 
 
 # ----------------------------------------------------------------------------- balanced k-means
