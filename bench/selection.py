@@ -7,7 +7,7 @@ Measures
   - espeak-ng real-time factor per core: ``shards.tts.synthesize_many`` on one worker, audio seconds per
     CPU-second of this process and its espeak-ng children (on these shared 2-core hosts wall time includes
     waiting for a core, so CPU time is the per-core figure).
-Probes per second (selection.probe) are not measured here yet: ``measure_probes`` is the place for them.
+Probes per second: probe texts synthesized and scored (M, F, D) with a tiny student, as selection does.
 
     python bench/selection.py [--texts 1000] [--skip-1m] [--tts-sentences 20]   (or python -m bench.selection)
 
@@ -114,9 +114,31 @@ def measure_tts(n: int) -> tuple[Row, float]:
                f"{rate:.1f}x real time per core", f"{seconds / wall:.1f}x per wall-second"), rate
 
 
-def measure_probes() -> Row | None:
-    """Probes per second (selection.probe): not measured yet, selection/probe.py is written separately."""
-    return None
+def measure_probes(clusters: int = 8, per_cluster: int = 4) -> tuple[Row, float]:
+    """Probe texts scored per second (TTS of their first half + M, F, D with a tiny student), the way
+    ``selection.probe.score_clusters`` runs them in a selection round."""
+    import tempfile
+
+    from model.adapter import AdapterConfig
+    from model.build import LLMConfig, ModelConfig, build_speech_lm
+    from selection.probe import score_clusters
+    from toy.tiny import tiny_llm, train_tokenizer
+    from train.objective import LossConfig, Objective
+
+    texts = pool_texts(clusters * per_cluster)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_tokenizer(texts, tmp, vocab_size=400)
+        tiny_llm(tokenizer, tmp)
+        model = build_speech_lm(ModelConfig(llm=LLMConfig(path=tmp, mode="lora", lora_r=4),
+                                            adapter=AdapterConfig(stack=8, layers=1, width=64, mlp=128, heads=2,
+                                                                  kv_heads=1))).eval()
+    probes = {c: texts[c * per_cluster:(c + 1) * per_cluster] for c in range(clusters)}
+    scores, wall, cpu = timed(score_clusters, Objective(model, LossConfig()), probes, tokenizer, TTSConfig(), SR,
+                              2048, 1)
+    assert len(scores) == clusters
+    n = clusters * per_cluster
+    return Row("probes (TTS + M, F, D; tiny student)", f"{clusters} clusters x {per_cluster} texts", wall, cpu,
+               f"{n / wall:.1f} probes/s", f"{n / cpu:.1f} per CPU-s"), n / wall
 
 
 def versions() -> str:
@@ -143,17 +165,16 @@ def main() -> None:
         rows.append(measure_kmeans(1_000_000))
     tts_row, tts_rate = measure_tts(args.tts_sentences)
     rows.append(tts_row)
-    probes = measure_probes()
-    rows += [probes] if probes else []
+    probes, probe_rate = measure_probes()
+    rows.append(probes)
     table = Table(title="Active selection: throughput on this machine")
     for column in ("measurement", "amount", "wall s", "CPU s", "rate", "note"):
         table.add_column(column, justify="right" if column.endswith(" s") else "left")
     for r in rows:
         table.add_row(r.name, r.amount, f"{r.wall_s:.1f}", f"{r.cpu_s:.1f}", r.rate, r.note)
     console.print(table)
-    if probes is None:
-        console.print("probes per second: not measured (measure_probes waits for selection/probe.py)")
     kmeans_1m = float("nan") if args.skip_1m else rows[2].wall_s
+    print(f"RESULT probes_per_s {probe_rate:.1f}")
     print(f"RESULT embed_texts_per_s {embed_rate:.1f}")
     print(f"RESULT kmeans_1m_seconds {kmeans_1m:.1f}")
     print(f"RESULT tts_rt_per_core {tts_rate:.1f}")
