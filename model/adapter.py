@@ -15,7 +15,7 @@ padded outputs are zeroed after.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ class AdapterConfig:
     heads: int = 4
     kv_heads: int = 4
     dropout: float = 0.0
+    # "ctc": one LLM input vector per emitted token, the adapter outputs pooled along their greedy CTC path
+    # (SpeechLM.llm_vectors). Meant for loss.ctc_weight > 0, which trains that path; off in the paper's configs.
+    compress: Literal["none", "ctc"] = "none"
 
     def __post_init__(self) -> None:
         for key in ("stack", "layers", "width", "mlp", "heads", "kv_heads"):

@@ -1,8 +1,8 @@
 """Frozen speech encoders: waves + lengths -> frames + frame lengths, one interface for every kind.
 
-Kinds: ``mel`` (torchaudio log-mel, no weights), ``whisper`` (transformers WhisperEncoder) and ``mimi``
-(transformers MimiModel's encoder, continuous latents before quantisation). Adding a kind is one entry in
-``ENCODERS``.
+Kinds: ``mel`` (torchaudio log-mel, no weights), ``whisper`` (transformers WhisperEncoder), ``mimi``
+(transformers MimiModel's encoder, continuous latents before quantisation) and ``toy`` (the toy world's
+phonetic encoder, toy/speech_encoder.py). Adding a kind is one entry in ``ENCODERS``.
 
 Every kind is padding-invariant: an item's valid frames are the same whether it is encoded alone or in a
 batch padded to a longer item, whatever lies in the padding (samples past ``lengths`` are zeroed first).
@@ -27,8 +27,8 @@ from train.config import require
 
 @dataclass
 class EncoderConfig:
-    kind: str = "mel"  # a key of ENCODERS: mel | whisper | mimi
-    path: str = ""  # local from_pretrained directory (whisper, mimi)
+    kind: str = "mel"  # a key of ENCODERS: mel | whisper | mimi | toy
+    path: str = ""  # local from_pretrained directory (whisper, mimi), checkpoint folder (toy)
     n_mels: int = 80  # mel only
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights of pretrained kinds
 
@@ -254,10 +254,33 @@ class MimiSpeechEncoder(SpeechEncoder):
         return latents.transpose(1, 2)
 
 
+class ToySpeechEncoder(SpeechEncoder):
+    """The toy world's encoder (toy/speech_encoder.py, pre-trained with CTC on espeak-ng phonemes): log-mel,
+    4x conv subsampling, a small Transformer; frames are its last hidden states at 25 Hz, not phoneme logits."""
+
+    pretrained = True
+
+    def __init__(self, cfg: EncoderConfig) -> None:
+        super().__init__()
+        from toy.speech_encoder import load_model  # imported here: toy builds on this module's MelEncoder
+
+        _require_dir(cfg.path)
+        self.model = load_model(cfg.path).to(getattr(torch, cfg.dtype))
+        self.sample_rate, self.frame_rate, self.dim = self.model.sample_rate, self.model.frame_rate, self.model.dim
+        self._freeze()
+
+    def frame_lengths(self, lengths: Tensor) -> Tensor:
+        return self.model.frame_lengths(lengths)
+
+    def _encode(self, waves: Tensor, lengths: Tensor) -> Tensor:
+        return self.model.hidden(waves, lengths)[0]
+
+
 ENCODERS: dict[str, type[SpeechEncoder]] = {
     "mel": MelEncoder,
     "whisper": WhisperSpeechEncoder,
     "mimi": MimiSpeechEncoder,
+    "toy": ToySpeechEncoder,
 }
 
 

@@ -4,19 +4,81 @@ The student reads interleaved inputs (``model.inputs``); the teacher reads the s
 text. With a frozen or LoRA-trained LLM the teacher is the same weights (adapters disabled, no
 grad), so no second copy exists; with a fully trained LLM it is a frozen copy (``teacher``).
 Methods return hidden states, never full logits: losses project the few positions they need.
+
+CTC over the LLM's own vocabulary (optional; ../shared/TOY_FINDINGS.md measured it necessary for the CPU toy):
+an adapter vector v scores token k by v . E[k] (E = the LLM's input embedding matrix, the space the adapter
+maps into) and one extra class, blank, by v . blank (a learned vector, row BLANK of ``boundary``). The
+alignment loss (``train.losses.ctc_alignment_loss``, weight ``loss.ctc_weight``) trains these scores;
+``adapter.compress: ctc`` pools the vectors along their greedy CTC path (about one LLM input per spoken
+token) and ``transcribe`` decodes that path to token ids.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from model.adapter import Adapter
 from model.encoder import SpeechEncoder
 from model.inputs import Batch, Layout
+
+BEGIN, END, BLANK = 0, 1, 2    # rows of SpeechLM.boundary
+BLANK_LABEL = -1               # greedy CTC label of a blank frame (token labels are ids >= 0)
+GREEDY_CHUNK = 1 << 26         # logits (rows x vocabulary) that greedy decoding computes at once
+
+
+class AdapterOutput(NamedTuple):
+    """Adapter outputs of a batch's speech spans, before compression and layout."""
+
+    vectors: Tensor        # [S, n, H], zero padded
+    lengths: Tensor        # [S] valid vectors per span
+    blank_logits: Tensor   # [S, n] vectors . blank: the CTC blank class's logit
+
+
+def embedding_table(embed: nn.Module) -> Tensor:
+    """The LLM's input embedding matrix [V, H], detached: CTC pulls adapter outputs toward the token
+    embeddings, never the embeddings toward speech (with a fully trained LLM, E moves only with the LLM).
+
+    Under ZeRO-3 the weight is partitioned (DeepSpeed marks it with ``ds_id``) and whole only inside the
+    module's own forward, so every row is looked up through the module: ZeRO-3 gathers and releases the weight
+    as for any call of it, and no DeepSpeed import is needed. That is a collective (every rank must make the
+    same calls) and a copy of E. Unpartitioned, the weight itself."""
+    weight = embed.weight
+    if not hasattr(weight, "ds_id"):
+        return weight.detach()
+    with torch.no_grad():
+        return embed(torch.arange(weight.ds_shape[0], device=weight.device))
+
+
+def ctc_runs(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Greedy CTC collapse of per-frame labels [S, n] valid up to ``lengths`` [S]: the first frame of every
+    run of one token (runs of blank dropped, so "a blank a" emits a twice), and the valid frames; both [S, n]."""
+    valid = torch.arange(labels.shape[1], device=labels.device) < lengths[:, None]
+    previous = F.pad(labels[:, :-1], (1, 0), value=BLANK_LABEL - 1)
+    return valid & (labels != BLANK_LABEL) & (labels != previous), valid
+
+
+def ctc_pool(vectors: Tensor, labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """One vector per emitted token: the mean of each run of frames that share a non-blank greedy label.
+
+    vectors [S, n, H], labels [S, n], lengths [S] -> pooled [sum counts, H] in span then time order, and
+    counts [S] (<= lengths). A span whose frames are all blank keeps one vector, the mean of its frames, so
+    that the LLM still sees it. Gradients flow through the means; the path itself (argmax) has none.
+    """
+    starts, valid = ctc_runs(labels, lengths)
+    silent = valid & ~starts.any(1, keepdim=True)
+    keep = (valid & (labels != BLANK_LABEL)) | silent
+    starts = starts | (silent & (torch.arange(labels.shape[1], device=labels.device) == 0))
+    run = torch.cumsum(starts[keep].long(), 0) - 1          # run of every kept frame (runs are contiguous)
+    total = int(starts.sum())
+    sums = vectors.new_zeros(total, vectors.shape[-1]).index_add(0, run, vectors[keep])
+    sizes = torch.bincount(run, minlength=total).to(vectors.dtype)
+    return sums / sizes[:, None], starts.sum(1)
 
 
 class SpeechLM(nn.Module):
@@ -28,9 +90,11 @@ class SpeechLM(nn.Module):
         self.adapter = adapter
         self.teacher = teacher
         hidden = llm.get_input_embeddings().embedding_dim
-        # Learned [begin, end] markers around every speech span, on the scale of token embeddings.
+        # Learned vectors beside the LLM's vocabulary, on the scale of token embeddings: the [begin, end]
+        # markers around every speech span and the CTC blank class (rows BEGIN, END, BLANK). One parameter of
+        # this module, so that ZeRO-3 gathers all three during forward and exports carry them together.
         std = float(getattr(llm.config, "initializer_range", 0.02))
-        self.boundary = nn.Parameter(torch.randn(2, hidden) * std)
+        self.boundary = nn.Parameter(torch.randn(3, hidden) * std)
 
     # ---- pieces -------------------------------------------------------------------------------
     def vectors_for(self, samples: int) -> int:
@@ -62,43 +126,96 @@ class SpeechLM(nn.Module):
         frames, frame_lengths = self.encoder(waves, lengths)
         return self.adapter(frames.to(self.boundary.dtype), frame_lengths)
 
+    def adapter_output(self, waves: Tensor, lengths: Tensor) -> AdapterOutput:
+        """``speech_vectors`` with each vector's blank logit (read here: under ZeRO-3 ``boundary`` is whole only
+        inside this module's forward, while the CTC loss runs outside it)."""
+        vectors, counts = self.speech_vectors(waves, lengths)
+        return AdapterOutput(vectors, counts, vectors @ self.boundary[BLANK].to(vectors.dtype))
+
+    # ---- CTC over the LLM's vocabulary ---------------------------------------------------------
+    def token_logits(self, hidden: Tensor, table: Tensor | None = None) -> Tensor:
+        """hidden [n, H] -> [n, V]: scores against the LLM's token embeddings (the CTC vocabulary, blank apart).
+        A head for ``train.losses``: safe to call outside this module's forward, also under ZeRO-3."""
+        if table is None:
+            table = embedding_table(self.llm.get_input_embeddings())
+        return hidden @ table.to(hidden.dtype).T
+
+    @torch.no_grad()
+    def greedy_labels(self, out: AdapterOutput) -> Tensor:
+        """Best CTC class of every valid vector [S, n]: a token id, or BLANK_LABEL (also at padding).
+
+        E is fetched once (one collective under ZeRO-3, whatever the batch) and projected a chunk of rows at a
+        time, so that [vectors, vocabulary] logits never exist at once."""
+        table = embedding_table(self.llm.get_input_embeddings())
+        valid = torch.arange(out.vectors.shape[1], device=out.lengths.device) < out.lengths[:, None]
+        rows = out.vectors[valid]
+        parts = [self.token_logits(part, table).float().max(1)
+                 for part in rows.split(max(1, GREEDY_CHUNK // table.shape[0]))]   # at least one part
+        score, best = torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+        best = torch.where(out.blank_logits[valid].float() > score, BLANK_LABEL, best)
+        return torch.full_like(valid, BLANK_LABEL, dtype=torch.long).index_put((valid,), best)
+
+    def llm_vectors(self, out: AdapterOutput) -> tuple[Tensor, Tensor]:
+        """What the LLM reads for the speech spans: [sum counts, H] in span then time order, and counts [S].
+
+        Every adapter vector, or with ``adapter.compress: ctc`` one vector per token emitted along the greedy
+        CTC path (``ctc_pool``). Compression is meant for ``loss.ctc_weight > 0``: without the alignment loss
+        the path is untrained and the pooling arbitrary (it still runs)."""
+        if self.adapter.cfg.compress == "ctc":
+            return ctc_pool(out.vectors, self.greedy_labels(out), out.lengths)
+        valid = torch.arange(out.vectors.shape[1], device=out.lengths.device) < out.lengths[:, None]
+        return out.vectors[valid], out.lengths
+
+    @torch.no_grad()
+    def transcribe(self, waves: Tensor, lengths: Tensor) -> list[list[int]]:
+        """Greedy CTC decoding of each utterance's adapter outputs to LLM token ids (the cascade reference:
+        the decoded words read by the teacher as text). Meaningful after training with ``loss.ctc_weight > 0``."""
+        out = self.adapter_output(waves, lengths)
+        labels = self.greedy_labels(out)
+        starts, _ = ctc_runs(labels, out.lengths)
+        return [ids.tolist() for ids in labels[starts].split(starts.sum(1).tolist())]
+
     # ---- layouts ------------------------------------------------------------------------------
-    def student_embeddings(self, batch: Batch) -> tuple[torch.Tensor, Layout]:
-        """Token embeddings at text positions, [begin] vectors [end] at speech spans."""
+    def _student(self, batch: Batch) -> tuple[Tensor, Layout, AdapterOutput]:
         embed = self.llm.get_input_embeddings()
         if batch.num_speech:
-            vectors, counts = self.speech_vectors(batch.waves, batch.wave_lengths)
+            speech = self.adapter_output(batch.waves, batch.wave_lengths)
         else:
-            # A text-only batch still runs the encoder and adapter on a silent dummy: under ZeRO-3 every
-            # rank must run the same modules (each forward gathers parameters) and get every gradient.
+            # A text-only batch still runs the encoder, adapter (and compression) on a silent dummy: under ZeRO-3
+            # every rank must run the same modules and collectives (each forward gathers parameters) and get
+            # every gradient.
             dummy = batch.waves.new_zeros(1, self.encoder.sample_rate // 4)
-            vectors, _ = self.speech_vectors(dummy, torch.tensor([dummy.shape[1]], device=dummy.device))
-            counts = batch.wave_lengths
+            speech = self.adapter_output(dummy, torch.tensor([dummy.shape[1]], device=dummy.device))
+        vectors, counts = self.llm_vectors(speech)
+        if not batch.num_speech:
+            counts, speech = batch.wave_lengths, AdapterOutput(*(t[:0] for t in speech))
         layout = Layout.build(batch, counts)
         rows, hidden = batch.rows, self.boundary.shape[1]
         text = embed(layout.text_token)
         out = text.new_zeros(rows, layout.student_len, hidden)
         out = out.index_put((layout.text_row, layout.text_pos), text)
         if not batch.num_speech:
-            return out + (vectors.sum() + self.boundary.sum()).to(out.dtype) * 0.0, layout
-        if batch.num_speech:
-            span = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-            offset = layout.vector_pos - torch.repeat_interleave(layout.begin_pos + 1, counts)
-            out = out.index_put((layout.vector_row, layout.vector_pos), vectors[span, offset].to(out.dtype))
-            out = out.index_put((layout.span_row, layout.begin_pos), self.boundary[0].to(out.dtype).expand(
-                len(counts), hidden))
-            out = out.index_put((layout.span_row, layout.end_pos), self.boundary[1].to(out.dtype).expand(
-                len(counts), hidden))
-        return out, layout
+            return out + (vectors.sum() + self.boundary.sum()).to(out.dtype) * 0.0, layout, speech
+        out = out.index_put((layout.vector_row, layout.vector_pos), vectors.to(out.dtype))
+        for row, pos in ((BEGIN, layout.begin_pos), (END, layout.end_pos)):
+            out = out.index_put((layout.span_row, pos), self.boundary[row].to(out.dtype).expand(len(counts), hidden))
+        return out, layout, speech
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, Layout]:
-        """Last hidden states of the student on the interleaved layout: [B, Ts, H].
+    def student_embeddings(self, batch: Batch) -> tuple[torch.Tensor, Layout]:
+        """Token embeddings at text positions, [begin] vectors [end] at speech spans."""
+        embeds, layout, _ = self._student(batch)
+        return embeds, layout
+
+    def forward(self, batch: Batch, with_speech: bool = False) \
+            -> tuple[Tensor, Layout] | tuple[Tensor, Layout, AdapterOutput]:
+        """Last hidden states of the student on the interleaved layout: [B, Ts, H], the layout and, with
+        ``with_speech``, the adapter outputs the layout was built from (for the CTC loss; no recomputation).
 
         Call the module (``model(batch)``), not a method: under ZeRO-3 the forward hook is what gathers
         the boundary embeddings, which belong to this module itself."""
-        embeds, layout = self.student_embeddings(batch)
+        embeds, layout, speech = self._student(batch)
         out = self._decoder(teacher=False)(inputs_embeds=embeds, attention_mask=layout.student_mask.long())
-        return out.last_hidden_state, layout
+        return (out.last_hidden_state, layout, speech) if with_speech else (out.last_hidden_state, layout)
 
     def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor, teacher: bool) -> torch.Tensor:
         """Last hidden states on an all-text layout, as the teacher (no grad) or as the student."""

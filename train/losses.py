@@ -1,4 +1,4 @@
-"""Distillation KL, next-token NLL and the diagnostics M (misalignment) and F (forgetting).
+"""Distillation KL, next-token NLL, the optional CTC alignment loss and the diagnostics M and F.
 
 Why chunked: Qwen2.5's vocabulary has 152k entries, so logits for a whole batch ([batch, time, vocab])
 do not fit. Callers gather the hidden states at the positions that matter ([N, H]) and pass *heads*:
@@ -188,6 +188,81 @@ def nll_loss(hidden: Tensor, head: Head, targets: Tensor, chunk_size: int = 1024
     keep = targets != ignore_index
     losses = _chunked_rows(partial(_nll_rows, head=head), (hidden[keep], targets[keep]), chunk_size, sync_ranks)
     return _reduce(losses, "mean", None)
+
+
+_PAD_CLASS = -2                       # class table: -1 = blank, -2 = padding, >= 0 = token id
+_NEVER = torch.finfo(torch.float32).min   # logit of padding classes: finite, so CTC's backward stays NaN-free
+
+
+def _ctc_classes(targets: Tensor, target_lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Each span's CTC classes and its targets renumbered into them.
+
+    classes [S, C]: column 0 blank (-1), then the span's distinct tokens (ascending), padded with -2;
+    renumbered [K]: targets as columns of their span's row (1..C-1)."""
+    spans = target_lengths.numel()
+    span_of = torch.repeat_interleave(torch.arange(spans, device=targets.device), target_lengths)
+    base = int(targets.max()) + 1 if targets.numel() else 1
+    keys, inverse = torch.unique(span_of * base + targets, return_inverse=True)   # sorted by span, then token
+    key_span = keys // base
+    distinct = torch.bincount(key_span, minlength=spans)
+    within = torch.arange(keys.numel(), device=targets.device) - (torch.cumsum(distinct, 0) - distinct)[key_span]
+    width = 1 + (int(distinct.max()) if spans else 0)
+    classes = torch.full((spans, width), _PAD_CLASS, dtype=torch.long, device=targets.device)
+    classes[:, 0] = -1
+    classes[key_span, 1 + within] = keys % base
+    return classes, 1 + within[inverse]
+
+
+def _ctc_rows(hidden: Tensor, blank_logits: Tensor, classes: Tensor, head: Head) -> Tensor:
+    """Log-probabilities [n, C + 1] of each row's classes (its span's blank and tokens) and of "rest", all
+    other vocabulary entries together, under the softmax over the whole vocabulary plus blank.
+
+    Exact: the reduced distribution sums to one, and autograd through log_softmax of [picked logits,
+    logsumexp(other logits)] gives d loss / d logit_v = p_v - gamma_v for every class v, as the full CTC would.
+    (``F.ctc_loss``'s gradient assumes normalised log-probabilities, which this keeps.)"""
+    logits = head(hidden)
+    logits = torch.cat([logits.to(torch.promote_types(logits.dtype, torch.float32)),
+                        blank_logits.to(torch.promote_types(logits.dtype, torch.float32))[:, None]], 1)
+    index = torch.where(classes < 0, logits.shape[1] - 1, classes)             # blank and padding: blank column
+    picked = logits.gather(1, index).masked_fill(classes == _PAD_CLASS, _NEVER)
+    rest = logits.scatter(1, index, _NEVER).logsumexp(1, keepdim=True)
+    return F.log_softmax(torch.cat([picked, rest], 1), 1)
+
+
+def ctc_alignment_loss(vectors: Tensor, blank_logits: Tensor, lengths: Tensor, targets: Tensor,
+                       target_lengths: Tensor, head: Head, chunk_size: int = 1024, *,
+                       sync_ranks: bool = False) -> Tensor:
+    """CTC of adapter outputs against the LLM's vocabulary plus a blank class, transcript tokens as targets.
+
+    vectors [S, n, H] (zero padded) with ``lengths`` [S] valid vectors per speech span; ``blank_logits`` [S, n]
+    the blank class's logit of each vector (v . blank); ``targets`` [K] the spans' transcript tokens
+    concatenated, ``target_lengths`` [S]; ``head`` hidden [m, H] -> token logits [m, V] (v . E^T, the LLM's
+    input embeddings: ``SpeechLM.token_logits``). The head runs on ``chunk_size`` vectors at a time, each
+    chunk checkpointed, and CTC runs on each span's own classes (blank, its distinct tokens, the rest of the
+    vocabulary pooled): never [vectors, V] at once.
+
+    Reduction: per span, the negative log-likelihood divided by its number of target tokens, then the mean
+    over spans (``F.ctc_loss``'s "mean"): a per-token scale like the NLL's, and long spans do not dominate.
+    Spans too short for their transcript (infinite loss) count as 0 (``zero_infinity``). No spans: 0, with
+    the head still called (ZeRO-3: every rank the same calls) and the graph kept.
+    """
+    if lengths.shape != target_lengths.shape or vectors.shape[:1] != lengths.shape:
+        raise ValueError(f"ctc_alignment_loss: {vectors.shape[0]} spans of vectors, lengths {tuple(lengths.shape)}, "
+                         f"target_lengths {tuple(target_lengths.shape)}: one entry per span expected")
+    if blank_logits.shape != vectors.shape[:2]:
+        raise ValueError(f"blank_logits: shape {tuple(blank_logits.shape)} must be [spans, vectors] "
+                         f"{tuple(vectors.shape[:2])}")
+    valid = torch.arange(vectors.shape[1], device=lengths.device) < lengths[:, None]
+    classes, renumbered = _ctc_classes(targets, target_lengths)
+    span_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+    log_probs = _chunked_rows(partial(_ctc_rows, head=head), (vectors[valid], blank_logits[valid], classes[span_of]),
+                              chunk_size, sync_ranks)
+    if not lengths.numel():
+        return log_probs.sum() * 0.0
+    padded = log_probs.new_zeros(*valid.shape, log_probs.shape[1])
+    padded[valid] = log_probs
+    return F.ctc_loss(padded.transpose(0, 1), renumbered, lengths, target_lengths, blank=0, reduction="mean",
+                      zero_infinity=True)
 
 
 def combine(dist: Tensor | None, nll: Tensor | None, alpha: float) -> Tensor:

@@ -1,7 +1,8 @@
 """The SALAD training objective as one module, so that the DeepSpeed engine wraps the whole step.
 
 Student on the interleaved layout, teacher on the all-text layout, losses at the aligned positions
-(``model.inputs.Layout``): L = alpha * KL(teacher || student) + (1 - alpha) * NLL.
+(``model.inputs.Layout``): L = alpha * KL(teacher || student) + (1 - alpha) * NLL + ctc_weight * CTC, where
+CTC is the optional alignment of the adapter outputs to the LLM's token embeddings (``losses.ctc_alignment_loss``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import nn
 from model.inputs import Batch
 from model.speech_lm import SpeechLM
 from train.config import require
-from train.losses import chunked_kl, combine, distillation_loss, forgetting, misalignment, nll_loss
+from train.losses import chunked_kl, combine, ctc_alignment_loss, distillation_loss, forgetting, misalignment, nll_loss
 
 
 @dataclass
@@ -22,11 +23,13 @@ class LossConfig:
     alpha: float = 1.0          # weight of the distillation KL; SALAD uses 1 in both stages
     temperature: float = 1.0
     chunk_size: int = 1024      # positions projected to the vocabulary at once
+    ctc_weight: float = 0.0     # CTC of adapter outputs vs the LLM's token embeddings; 0 (off) in the paper's setup
 
     def __post_init__(self) -> None:
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.temperature > 0, "temperature", "must be > 0")
         require(self.chunk_size >= 1, "chunk_size", "must be >= 1")
+        require(self.ctc_weight >= 0, "ctc_weight", f"must be >= 0, got {self.ctc_weight}")
 
 
 class Objective(nn.Module):
@@ -42,7 +45,7 @@ class Objective(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        hidden, layout = self.model(batch)
+        hidden, layout, speech = self.model(batch, with_speech=True)
         teacher = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
         student_at = hidden[layout.map_row, layout.map_student]
         teacher_at = teacher[layout.map_row, layout.map_teacher]
@@ -56,9 +59,15 @@ class Objective(nn.Module):
         loss = combine(dist, nll, cfg.alpha)
         if not layout.map_row.numel():   # nothing to predict: keep the graph (every rank must backward)
             loss = hidden.sum() * 0.0
+        ctc = None
+        if cfg.ctc_weight > 0:   # every rank, speech or not: the head calls are collectives under ZeRO-3
+            ctc = ctc_alignment_loss(speech.vectors, speech.blank_logits, speech.lengths, batch.span_tokens,
+                                     batch.span_token_count, self.model.token_logits, cfg.chunk_size,
+                                     sync_ranks=self.distributed)
+            loss = loss + cfg.ctc_weight * ctc
         zero = loss.detach() * 0
         return {"loss": loss, "kl": dist.detach() if dist is not None else zero,
-                "nll": nll.detach() if nll is not None else zero,
+                "nll": nll.detach() if nll is not None else zero, "ctc": ctc.detach() if ctc is not None else zero,
                 "tokens": torch.tensor(float(layout.map_row.numel()), device=loss.device)}
 
     @torch.no_grad()

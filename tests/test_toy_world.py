@@ -1,0 +1,285 @@
+"""The toy world: determinism, answers that agree with the world, held-out splits, vocabulary, tokenizer,
+and a teacher that learns from the world's text."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from eval.benchmarks import MCQItem
+from toy.teacher import teacher_accuracy, train_teacher, word_tokenizer
+from toy.world import (
+    ANIMALS,
+    CATEGORIES,
+    DAYS,
+    DOMAINS,
+    KNOWLEDGE_DOMAINS,
+    MONTHS,
+    NAMES,
+    NEEDS,
+    NUMBERS,
+    OPENERS,
+    OPPOSITES,
+    SCIENCE,
+    STEPS,
+    STORY_DOMAINS,
+    World,
+    spoken_words,
+    vocabulary,
+    words,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World(seed=0)
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def test_at_least_eight_domains_with_texts_and_items(world):
+    assert len(DOMAINS) >= 8
+    for d in DOMAINS:
+        texts = world.texts(d, 20, rng())
+        items = world.benchmark(d, 20, rng())
+        assert len(texts) == 20 and all(t.strip() for t in texts)
+        assert len(items) == 20 and len({it.id for it in items}) == 20
+        for it in items:
+            assert isinstance(it, MCQItem) and it.task == d
+            assert len(it.choices) == 4 and len(set(it.choices)) == 4
+            assert all(c.startswith(" ") and c.strip() for c in it.choices)
+
+
+def test_same_seed_same_world_other_seed_other_facts():
+    a, b, c = World(1), World(1), World(2)
+    assert a.people == b.people and a.map == b.map
+    assert a.people != c.people
+    for d in DOMAINS:
+        assert a.texts(d, 30, rng(5)) == b.texts(d, 30, rng(5))
+        assert a.benchmark(d, 10, rng(5)) == b.benchmark(d, 10, rng(5))
+    assert World(1).benchmark("facts", 30, rng(5)) != c.benchmark("facts", 30, rng(5))
+
+
+def test_answers_follow_the_choice_index(world):
+    for d in DOMAINS:
+        r = rng(3)
+        examples = world.examples(d, 10, r, held_out=True)
+        items = [ex.item(r) for ex in examples]
+        for ex, it in zip(examples, items, strict=True):
+            assert it.context == ex.context and it.choices[it.answer] == " " + ex.answer
+            assert sorted(it.choices) == sorted(" " + c for c in (ex.answer, *ex.wrong))
+            assert ex.text.startswith(it.context + it.choices[it.answer])
+
+
+# ----------------------------------------------------------------------------- answers agree with the world
+# Each checker re-derives the right answer from the context and the world, and rejects every wrong choice.
+
+def number(word):
+    return NUMBERS.index(word)
+
+
+def check_arithmetic(world, ctx, choice):
+    a, b = (number(w) for w in spoken_words(ctx) if w in NUMBERS)
+    if "take" in ctx and "from" in ctx:          # "take b from a"
+        return choice == b - a
+    if "minus" in ctx or "take away" in ctx:
+        return choice == a - b
+    return choice == a + b
+
+
+def check_counting(world, ctx, choice):
+    a, b = (number(w) for w in spoken_words(ctx) if w in NUMBERS)
+    return choice == (a + b if "found" in ctx else a - b)
+
+
+RELATION_WORDS = {"city": ("lives", "home", "house"), "job": ("work",), "pet": ("pet", "keeps"),
+                  "food": ("eat", "food"), "age": ("age", "now")}
+
+
+def check_facts(world, ctx, choice):
+    (name,) = [w for w in spoken_words(ctx) if w in NAMES]
+    (relation,) = [r for r, keys in RELATION_WORDS.items() if any(k in spoken_words(ctx) for k in keys)]
+    value = getattr(world.people[name], relation)
+    return choice == (NUMBERS[value] if relation == "age" else value)
+
+
+def check_comparison(world, ctx, choice):
+    ws = spoken_words(ctx)
+    animals = [w for w in ws if w in ANIMALS]
+    if animals:
+        (x,) = animals
+        smaller = any(s in ctx for s in ("is bigger than", "is larger than", "animal smaller than"))
+        return (ANIMALS.index(choice) < ANIMALS.index(x)) == smaller and choice != x
+    (x,) = [w for w in ws if w in NAMES]
+    younger = any(s in ctx for s in ("is older than", "born before", "someone younger than"))
+    return (world.people[choice].age < world.people[x].age) == younger and choice != x
+
+
+def check_science(world, ctx, choice):
+    ws = spoken_words(ctx)
+    truths = [table[t] for table in SCIENCE.values() for t in table if t in ws]
+    attribute = next(a for a, table in SCIENCE.items() if choice in table.values())
+    (thing,) = [t for t in SCIENCE[attribute] if t in ws]
+    return choice == SCIENCE[attribute][thing] and choice in truths
+
+
+def check_time(world, ctx, choice):
+    ws = spoken_words(ctx)
+    names = DAYS if any(w in DAYS for w in ws) else MONTHS
+    (d,) = [w for w in ws if w in names]
+    step = 1 if ("after " + d in ctx or d + " is over" in ctx) else -1
+    return choice == names[(names.index(d) + step) % len(names)]
+
+
+def check_directions(world, ctx, choice):
+    ws = spoken_words(ctx)
+    (a,) = [w for w in ws if w in world.map and w != choice]
+    (d,) = [w for w in ws if w in STEPS]
+    if ctx.endswith(f"the {a} is {d} of the"):          # then the answer lies opposite to d from a
+        d = {"north": "south", "south": "north", "east": "west", "west": "east"}[d]
+    (r, c), (dr, dc) = world.map[a], STEPS[d]
+    return world.map[choice] == (r + dr, c + dc)
+
+
+def check_categories(world, ctx, choice):
+    (w,) = [w for w in spoken_words(ctx) if any(w in members for members in CATEGORIES.values())]
+    return w in CATEGORIES[choice]
+
+
+def check_opposites(world, ctx, choice):
+    ws = spoken_words(ctx)
+    (w,) = [w for w in ws if any(w in pair for pair in OPPOSITES)]
+    return (w, choice) in OPPOSITES or (choice, w) in OPPOSITES
+
+
+def check_narrative(world, ctx, choice):
+    story = ctx[: ctx.rfind(".") + 1]
+    return choice in spoken_words(story)
+
+
+def check_endings(world, ctx, choice):
+    (need,) = [w for w in spoken_words(ctx) if w in NEEDS]
+    return choice.endswith(NEEDS[need])
+
+
+CHECKS = {"arithmetic": check_arithmetic, "counting": check_counting, "facts": check_facts,
+          "comparison": check_comparison, "science": check_science, "time": check_time,
+          "directions": check_directions, "categories": check_categories, "opposites": check_opposites,
+          "narrative": check_narrative, "endings": check_endings}
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_right_answers_agree_with_the_world_and_wrong_ones_do_not(world, domain):
+    check = CHECKS[domain]
+    numeric = domain in ("arithmetic", "counting")
+    for it in world.benchmark(domain, 120, rng(7)):
+        choices = [c.strip() for c in it.choices]
+        values = [number(c) for c in choices] if numeric else choices
+        verdicts = [check(world, it.context, v) for v in values]
+        assert verdicts == [k == it.answer for k in range(4)], (it.context, it.choices, it.answer)
+
+
+def test_training_texts_state_true_facts(world):
+    for d in ("arithmetic", "facts", "comparison", "directions"):
+        for t in world.texts(d, 200, rng(8)):
+            ctx, answer = t[:-1].rsplit(" ", 1)
+            assert CHECKS[d](world, ctx, number(answer) if d == "arithmetic" else answer), t
+
+
+# ----------------------------------------------------------------------------- held out, edges, vocabulary
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_deciding_words_are_inside_the_context(world, domain):
+    for ex in world.examples(domain, 150, rng(9), held_out=True):
+        ws = spoken_words(ex.context)
+        assert ex.cues and all(c in ws[1:-1] for c in ex.cues), (ex.context, ex.cues)
+        assert ws[0] not in ex.cues and ws[-1] not in ex.cues, (ex.context, ex.cues)
+
+
+def strip_opener(text):
+    return next(text[len(o) + 1:] for o in OPENERS if text.startswith(o + " "))
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_benchmark_items_are_held_out_from_training_text(world, domain):
+    train = world.texts(domain, 3000, rng(10))
+    held = world.examples(domain, 100, rng(11), held_out=True)
+    if domain in STORY_DOMAINS:   # another story: no training text starts with a benchmark story
+        stories = {ex.context[: ex.context.rfind(".") + 1] for ex in held}
+        assert not any(t.startswith(s) for t in train for s in stories)
+    else:                         # the same fact, but never in its benchmark phrasing (whatever the opener)
+        phrased = {strip_opener(t) for t in train}
+        assert not phrased & {strip_opener(ex.text) for ex in held}
+
+
+def test_held_out_facts_are_known_from_other_phrasings(world):
+    """Knowledge, not phrasing: every benchmark fact is stated in the training text in another phrasing."""
+    train = [set(spoken_words(t)) for t in world.texts("facts", 3000, rng(12))]
+    for ex in world.examples("facts", 60, rng(13), held_out=True):
+        assert any({*ex.cues, ex.answer} <= t for t in train), ex.text
+
+
+def test_held_out_share_of_stories():
+    for d in STORY_DOMAINS:
+        share = np.mean([World(0).example(d, r).held_out for r in [rng(14)] for _ in range(2000)])
+        assert 0.08 < share < 0.18, (d, share)
+
+
+def test_knowledge_domains_report_their_capacity(world):
+    for d in KNOWLEDGE_DOMAINS:
+        cap = world.benchmark_capacity(d)
+        assert len(world.benchmark(d, cap, rng(15))) == cap
+        with pytest.raises(ValueError, match=f"{d}: found {cap} of the {cap + 1}"):
+            world.benchmark(d, cap + 1, rng(15))
+
+
+def test_vocabulary_covers_every_generated_word(world):
+    vocab = set(vocabulary())
+    assert 150 < len(vocab) < 400
+    for d in DOMAINS:
+        text = " ".join(world.texts(d, 500, rng(16)))
+        text += " ".join(it.context + " ".join(it.choices) for it in world.benchmark(d, 100, rng(16)))
+        assert set(words(text)) <= vocab, (d, set(words(text)) - vocab)
+    with pytest.raises(KeyError, match="unknown domain 'poetry'"):
+        world.example("poetry", rng())
+
+
+# ----------------------------------------------------------------------------- tokenizer and teacher
+
+def test_word_tokenizer_one_token_per_word_and_context_plus_choice_splits_cleanly(world, tmp_path):
+    word_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.unk_token_id is not None and tok.bos_token_id is not None and tok.pad_token_id is not None
+    for d in DOMAINS:
+        for it in world.benchmark(d, 20, rng(17)):
+            for choice in it.choices:
+                joined = tok.encode(it.context + choice, add_special_tokens=False)
+                apart = tok.encode(it.context, add_special_tokens=False) + tok.encode(choice, add_special_tokens=False)
+                assert joined == apart and tok.unk_token_id not in joined
+                assert len(joined) == len(words(it.context + choice))
+    assert tok.convert_ids_to_tokens(tok.encode("Anna.\n\nzzz", add_special_tokens=False)) == \
+        ["anna", ".", "\n", "\n", "<unk>"]
+
+
+def test_teacher_learns_a_domain_and_is_saved(world, tmp_path):
+    """A few dozen steps on one easy domain: the loss falls and it beats chance clearly (< 30 s)."""
+    torch.manual_seed(0)
+    out = tmp_path / "teacher"
+    model, tok, info = train_teacher(world, out, steps=80, batch=16, seq_len=64, lr=5e-3,
+                                     weights={"endings": 1.0}, pool=300, hidden=64, layers=2, heads=4,
+                                     progress=False)
+    losses = info["losses"]
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    items = world.benchmark("endings", 60, rng(18))
+    assert teacher_accuracy(model, tok, items) >= 0.6
+    assert {"config.json", "model.safetensors", "tokenizer.json", "train_info.json"} <= {p.name for p in out.iterdir()}
+    again = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    ids = torch.tensor([tok.encode(items[0].context)])
+    assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
+    assert teacher_accuracy(again, AutoTokenizer.from_pretrained(str(out)), items, shots=2) >= 0.6
+    with pytest.raises(FileExistsError, match="already exists"):
+        train_teacher(world, out, steps=1)

@@ -1,0 +1,193 @@
+"""The toy's teacher: a word-level tokenizer and a ~1M-parameter Qwen2 LM trained from scratch on the world.
+
+    python -m toy.teacher --out assets/toy/llm [--steps 1500] [--seed 0]
+
+Training rows pack whole texts, ``<s> text \\n\\n text \\n\\n ...``, so a 0-shot prompt (``<s>`` + context) and a
+k-shot prompt (solved examples separated by a blank line, as eval.mcq builds it) both look like training
+text. Domains are drawn by weight: narrative recall (copying from the context) is the slow skill, so it
+gets the largest share. The folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
+
+from eval.benchmarks import MCQItem
+from eval.mcq import LM, prompt_document, score_item, shots_for, text_prefix_embeddings
+from toy.tiny import SPECIAL, tiny_llm
+from toy.world import DOMAINS, KNOWLEDGE_DOMAINS, World, vocabulary
+
+WEIGHTS = {"narrative": 4.0, "endings": 1.5, "counting": 1.5} | {d: 1.0 for d in KNOWLEDGE_DOMAINS}
+NEWLINE = "\n"
+
+
+def word_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """One token per word or punctuation mark of the world (plus newline), so a spoken word is one token.
+
+    Byte-level BPE (toy.tiny) would split rare words into pieces; here the CTC targets, the "one vector per
+    word" compression and the multiple-choice answers all line up with words, and a context and its choice
+    tokenize the same apart as joined.
+    """
+    words = [*SPECIAL.values(), NEWLINE, *vocabulary()]
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=SPECIAL["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+                                                 pre_tokenizers.Split(Regex(r"[^a-z ]"), behavior="isolated")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def _pools(world: World, tokenizer, size: int, rng: np.random.Generator) -> dict[str, list[list[int]]]:
+    """``size`` tokenized training texts per domain, each followed by the blank-line separator."""
+    sep = tokenizer.encode(NEWLINE * 2, add_special_tokens=False)
+    return {d: [ids + sep for ids in tokenizer(world.texts(d, size, rng), add_special_tokens=False)["input_ids"]]
+            for d in WEIGHTS}
+
+
+def _row(pools: dict[str, list[list[int]]], p: np.ndarray, length: int, bos: int,
+         rng: np.random.Generator) -> list[int]:
+    row = [bos]
+    names = list(pools)
+    while len(row) < length:
+        pool = pools[names[int(rng.choice(len(names), p=p))]]
+        row += pool[int(rng.integers(len(pool)))]
+    return row[:length]
+
+
+def train_teacher(world: World, out_dir: str | Path, steps: int = 1500, batch: int = 32, seq_len: int = 128,
+                  lr: float = 3e-3, weights: dict[str, float] | None = None, pool: int = 2000, seed: int = 0,
+                  hidden: int = 128, layers: int = 4, heads: int = 4, progress: bool = True):
+    """Train the teacher and save it (``save_pretrained``, with its tokenizer) to ``out_dir``.
+
+    Returns ``(model, tokenizer, info)``; ``info`` (also saved as train_info.json) holds the loss curve and
+    the wall time. AdamW with linear warmup (5%) and cosine decay to 10% of ``lr``.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir}: already exists; remove it to train a new teacher")
+    weights = weights or WEIGHTS
+    unknown = set(weights) - set(DOMAINS)
+    if unknown:
+        raise ValueError(f"weights: unknown domains {sorted(unknown)} (known: {', '.join(DOMAINS)})")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.time()
+    tokenizer = word_tokenizer()
+    model = tiny_llm(tokenizer, tmp, hidden=hidden, layers=layers, heads=heads, kv_heads=heads, seed=seed)
+    rng = np.random.default_rng([seed, world.seed])
+    pools = _pools(world, tokenizer, pool, rng)
+    pools = {d: pools[d] for d in weights}
+    p = np.array(list(weights.values()), dtype=float)
+    p /= p.sum()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + np.cos(np.pi * s / steps)))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    losses = []
+    model.train()
+    columns = [TextColumn("teacher"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        job = bar.add_task("train", total=steps, loss="-")
+        for _ in range(steps):
+            ids = torch.tensor([_row(pools, p, seq_len, tokenizer.bos_token_id, rng) for _k in range(batch)])
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(round(loss.item(), 4))
+            bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
+    model.eval()
+    info = {"world_seed": world.seed, "seed": seed, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
+            "weights": weights, "params": sum(t.numel() for t in model.parameters()),
+            "wall_s": round(time.time() - start, 1), "threads": torch.get_num_threads(), "losses": losses}
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / "train_info.json").write_text(json.dumps(info))
+    os.replace(tmp, out_dir)
+    return model, tokenizer, info
+
+
+@torch.no_grad()
+def teacher_accuracy(model, tokenizer, items: list[MCQItem], shots: int = 0, seed: int = 0,
+                     norm: str = "tokens") -> float:
+    """Text accuracy with eval.mcq's scorer (teacher_text mode): k solved examples, then the item."""
+    lm = LM.of(model)
+    correct = 0
+    for i, item in enumerate(items):
+        doc = prompt_document(item, shots_for(items, i, shots, seed), tokenizer, None)
+        prefix = text_prefix_embeddings(lm, doc, tokenizer.bos_token_id)
+        correct += score_item(lm, prefix, item, tokenizer, norm) == item.answer
+    return correct / len(items)
+
+
+def domain_accuracy(world: World, model, tokenizer, n: int, shots: int, seed: int) -> dict[str, float]:
+    """Accuracy on ``n`` held-out items of every domain (fewer where a domain has fewer)."""
+    out = {}
+    for d in DOMAINS:
+        rng = np.random.default_rng([seed, DOMAINS.index(d)])
+        cap = world.benchmark_capacity(d)
+        out[d] = teacher_accuracy(model, tokenizer, world.benchmark(d, min(n, cap or n), rng), shots, seed)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    p = argparse.ArgumentParser(prog="python -m toy.teacher", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="folder to create (must not exist)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--world-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--items", type=int, default=200, help="benchmark items per domain")
+    p.add_argument("--shots", type=int, nargs="+", default=[0])
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    if min(a.steps, a.items, a.batch, a.seq_len) < 1 or min(a.shots) < 0:
+        p.error("--steps, --items, --batch and --seq-len must be at least 1, --shots at least 0")
+    torch.set_num_threads(a.threads)
+    world = World(a.world_seed)
+    try:
+        model, tokenizer, info = train_teacher(world, a.out, a.steps, a.batch, a.seq_len, seed=a.seed)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    start = time.time()
+    acc = {k: domain_accuracy(world, model, tokenizer, a.items, k, a.seed) for k in a.shots}
+    table = Table(title=f"teacher {a.out}: {info['params']:,} params, {a.steps} steps, {info['wall_s']:.0f} s "
+                        f"training, final loss {np.mean(info['losses'][-50:]):.3f}")
+    table.add_column("domain")
+    for k in a.shots:
+        table.add_column(f"{k}-shot acc", justify="right")
+    for d in DOMAINS:
+        table.add_row(d, *(f"{acc[k][d]:.3f}" for k in a.shots))
+    table.add_row("min", *(f"{min(acc[k].values()):.3f}" for k in a.shots), style="bold")
+    Console().print(table)
+    print(f"evaluated in {time.time() - start:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""A seeded toy world: the text domains of the CPU default, their training text and their benchmarks.
+
+One ``World(seed)`` fixes every fact (where each person lives, their job, pet, food and age, the town
+map); the rest (sizes, science, calendar, opposites, categories) is common knowledge. Domains:
+
+    narrative    short stories with a recall sentence (the "audiobook" domain: the only natural speech)
+    endings      a three-sentence story and its sensible ending (StoryCloze-like)
+    counting     word problems: someone has some things, gets or gives some, how many now
+    facts        people's city, job, pet, food, age
+    arithmetic   plus and minus in words, results 0-18
+    comparison   which animal is bigger, which person is older
+    science      how things feel, taste, look, what they are made of
+    time         the order of days and months
+    directions   the town map: what lies north/south/east/west of what
+    categories   what kind of thing a word names
+    opposites    the opposite of an adjective
+
+Each sample is an ``Example``: a context, the right continuation, wrong ones, and the context words
+that decide the answer (``cues``, never the first or last word of the context: speech errors at span
+edges made spoken accuracy noisy). Held out for benchmarks, never in the training text:
+- story domains (narrative, endings, counting): one story in 8, chosen by a hash of its text;
+- knowledge domains: for each fact, one of its phrasings (the fact itself is learned from the others).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+
+from eval.benchmarks import MCQItem
+
+# ----------------------------------------------------------------------------- lexicon
+
+NAMES = {"anna": "f", "bob": "m", "tom": "m", "lily": "f", "sam": "m", "mia": "f",
+         "ben": "m", "zoe": "f", "max": "m", "eva": "f", "leo": "m", "ada": "f"}
+PRONOUNS = {"f": ("she", "her"), "m": ("he", "his")}
+CITIES = ("paris", "rome", "london", "tokyo", "cairo", "lima", "oslo", "delhi")
+JOBS = ("doctor", "farmer", "teacher", "baker", "pilot", "singer")
+ANIMALS = ("ant", "mouse", "frog", "cat", "dog", "goat", "pig", "cow", "horse", "elephant")  # smallest first
+PETS = ANIMALS[1:6]
+FOODS = ("bread", "rice", "soup", "cake", "cheese", "pie", "corn", "fish")
+COLOURS = ("red", "blue", "green", "yellow", "black", "white", "brown", "pink")
+OBJECTS = ("ball", "kite", "book", "hat", "cup", "box", "key", "bag", "drum", "lamp", "boat", "doll")
+PLACES = ("park", "lake", "shop", "school", "farm", "beach", "garden", "forest", "river", "market")
+WHEN = ("morning", "day", "evening")
+THINGS = ("apples", "eggs", "coins", "shells")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+           "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+          "november", "december")
+BUILDINGS = ("bank", "church", "bakery", "station", "library", "hospital", "museum", "zoo", "cafe")
+STEPS = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
+OPPOSITE_DIRECTION = {"north": "south", "south": "north", "east": "west", "west": "east"}
+OPPOSITES = (("hot", "cold"), ("big", "small"), ("tall", "short"), ("fast", "slow"), ("old", "young"),
+             ("happy", "sad"), ("up", "down"), ("open", "closed"), ("full", "empty"), ("wet", "dry"),
+             ("early", "late"), ("loud", "quiet"))
+NEEDS = {"hungry": "ate some bread", "thirsty": "drank some water", "tired": "went to bed",
+         "dirty": "took a bath", "cold": "lit the fire", "bored": "played a game", "sick": "saw a doctor",
+         "sad": "called a friend"}
+SCIENCE = {   # attribute -> thing -> value; the values of an attribute are each other's distractors
+    "feel": {"fire": "hot", "steam": "hot", "ice": "cold", "snow": "cold", "stone": "hard", "metal": "hard",
+             "wool": "soft", "cotton": "soft"},
+    "taste": {"sugar": "sweet", "honey": "sweet", "lemon": "sour", "vinegar": "sour", "salt": "salty",
+              "coffee": "bitter"},
+    "look": {"snow": "white", "milk": "white", "grass": "green", "coal": "black", "butter": "yellow",
+             "sky": "blue", "blood": "red"},
+    "material": {"table": "wood", "chair": "wood", "window": "glass", "coin": "metal", "book": "paper",
+                 "sweater": "wool", "wall": "stone"},
+}
+CATEGORIES = {"animal": ANIMALS, "food": FOODS, "colour": COLOURS, "city": CITIES, "job": JOBS, "day": DAYS,
+              "month": MONTHS}
+OPENERS = ("as you know,", "it is true that", "we all know that", "people say that", "i have heard that",
+           "it is a fact that")
+AGES = range(6, 19)
+
+# ----------------------------------------------------------------------------- phrasings
+# Knowledge: each fact is said in every phrasing of its relation but one (held out for the benchmark).
+# Stories: sentences with named slots. The vocabulary is read from these strings and the lexicon.
+
+PHRASINGS = {
+    "city": ("{p} lives in", "the home of {p} is in", "{p} has a house in"),
+    "job": ("{p} works as a", "{p} has a job as a", "at work {p} is a"),
+    "pet": ("{p} has a pet", "the pet of {p} is a", "at home {p} keeps a"),
+    "food": ("{p} likes to eat", "the favourite food of {p} is", "every day {p} wants to eat"),
+    "age": ("the age of {p} is", "{p} is now", "{p} had a birthday and is now"),
+    "plus": ("{a} plus {b} is", "{a} and {b} make", "add {b} to {a} and you get"),
+    "minus": ("{a} minus {b} is", "{a} take away {b} is", "take {b} from {a} and you get"),
+    "bigger": ("the {x} is bigger than the", "the {x} is larger than the", "an animal smaller than the {x} is the"),
+    "smaller": ("the {x} is smaller than the", "the {x} is not as big as the",
+                "an animal bigger than the {x} is the"),
+    "older": ("{x} is older than", "{x} was born before", "someone younger than {x} is"),
+    "younger": ("{x} is younger than", "{x} was born after", "someone older than {x} is"),
+    "feel": ("{t} feels", "if you touch {t} it feels", "{t} is always very"),
+    "taste": ("{t} tastes", "if you try {t} it tastes", "the taste of {t} is"),
+    "look": ("the colour of {t} is", "{t} has the colour", "{t} always looks"),
+    "material": ("a {t} is made of", "people make a {t} out of", "to build a {t} you need"),
+    "day_after": ("the day after {d} is", "after {d} comes", "when {d} is over it is"),
+    "day_before": ("the day before {d} is", "{d} comes after", "just before {d} comes"),
+    "month_after": ("the month after {d} is", "after the month of {d} comes", "when {d} is over it is"),
+    "month_before": ("the month before {d} is", "the month of {d} comes after", "just before {d} comes"),
+    "map": ("{d} of the {a} is the", "if you walk {d} from the {a} you reach the", "the {a} is {o} of the"),
+    "kind": ("{w} is a kind of", "{w} is the name of a", "the word {w} names a"),
+    "opposite": ("the opposite of {w} is", "{w} is the opposite of", "the word that means the reverse of {w} is"),
+}
+STORY = {
+    "start": "one {when} {a} went to the {place}.",
+    "object": "{s} took {pos} {colour} {obj} along.",
+    "friend": "at the {place} {s} met {b}.",
+    "animal": "{b} had a little {animal}.",
+    "play": "they played with the {obj} for a long time.",
+    "food": "then they ate some {food}.",
+}
+RECALL = {   # kind -> (context, the slot it recalls, what follows the answer)
+    "place": ("when it got dark, {a} left the", "place", "."),
+    "friend": ("{a} said goodbye to", "b", "."),
+    "object": ("at home, {a} put away the", "obj", "."),
+    "colour": ("{a} loved {pos}", "colour", " {obj}."),
+    "animal": ("{a} could not forget the little", "animal", "."),
+    "food": ("{a} still wanted more", "food", "."),
+}
+RECALLS_FROM = {"place": "start", "friend": "friend", "object": "object", "colour": "object", "animal": "animal",
+                "food": "food"}
+ENDING = ("{a} was very {need} after a long day.", ("{s} came home from the {place}.",
+                                                      "{s} had been at the {place} with {b}."),
+          ("the house was quiet.", "{b} was not at home.", "it was late in the {when}."), "so {s} {action}")
+COUNTING = ("{a} had {n} {things}.", {"plus": "then {s} found {m} more.", "minus": "then {s} gave {m} to {b}."},
+            "now {s} has")
+
+STORY_DOMAINS = ("narrative", "endings", "counting")
+KNOWLEDGE_DOMAINS = ("facts", "arithmetic", "comparison", "science", "time", "directions", "categories",
+                     "opposites")
+DOMAINS = STORY_DOMAINS + KNOWLEDGE_DOMAINS
+HELD_OUT_STORIES = 8       # one story in 8 is held out
+WORD = re.compile(r"[a-z]+|[^\sa-z]")
+
+
+def words(text: str) -> list[str]:
+    """Words and punctuation marks, as the word-level tokenizer splits them."""
+    return WORD.findall(text)
+
+
+def spoken_words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text)
+
+
+def _stable(*parts: object) -> int:
+    """A hash that is the same in every process (Python's ``hash`` of str is salted)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sample of a domain: ``text`` is training text; held-out ones become benchmark items."""
+
+    domain: str
+    context: str
+    answer: str               # the right continuation, without its leading space
+    wrong: tuple[str, ...]    # three wrong continuations
+    cues: tuple[str, ...]     # the context words that decide the answer
+    held_out: bool
+    suffix: str = "."
+
+    @property
+    def text(self) -> str:
+        return f"{self.context} {self.answer}{self.suffix}"
+
+    def item(self, rng: np.random.Generator) -> MCQItem:
+        choices = [self.answer, *self.wrong]
+        order = rng.permutation(len(choices))
+        return MCQItem(id=f"{self.domain}-{_stable(self.text):08x}", task=self.domain, context=self.context,
+                       choices=[" " + choices[k] for k in order], answer=int(np.argmax(order == 0)))
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A piece of knowledge: said by every phrasing of ``relation`` with ``slots`` filled in."""
+
+    relation: str
+    slots: tuple[tuple[str, str], ...]
+    answer: str
+    wrong: tuple[str, ...]    # every wrong answer; three are drawn per example
+
+    def phrasing(self, k: int) -> tuple[str, tuple[str, ...]]:
+        """The context of phrasing ``k`` and the slot values in it (the cues)."""
+        template, slots = PHRASINGS[self.relation][k], dict(self.slots)
+        cues = tuple(slots[name] for name in re.findall(r"\{(\w+)\}", template))
+        return template.format(**slots), cues
+
+    def held_out_phrasing(self) -> int:
+        return _stable(self.relation, self.slots) % len(PHRASINGS[self.relation])
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    city: str
+    job: str
+    pet: str
+    food: str
+    age: int
+
+
+def _fact(relation: str, answer: str, wrong, **slots: str) -> Fact:
+    """Wrong answers exclude the right one and the words of the question (no "the frog is smaller than the frog")."""
+    taken = {answer, *slots.values()}
+    return Fact(relation, tuple(sorted(slots.items())), answer, tuple(w for w in wrong if w not in taken))
+
+
+def _pick(rng: np.random.Generator, options, k: int | None = None, exclude=()):
+    """One option (k None) or k distinct options not in ``exclude``."""
+    pool = [o for o in options if o not in exclude]
+    if k is None:
+        return pool[int(rng.integers(len(pool)))]
+    return [pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False)]
+
+
+# ----------------------------------------------------------------------------- the world
+
+
+class World:
+    """Every fact of one seeded world, and the domains' text and benchmark generators."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        rng = np.random.default_rng(seed)
+        ages = rng.choice(list(AGES), size=len(NAMES), replace=False)
+        self.people = {name: Person(name, _pick(rng, CITIES), _pick(rng, JOBS), _pick(rng, PETS),
+                                    _pick(rng, FOODS), int(age)) for name, age in zip(NAMES, ages, strict=True)}
+        cells = rng.permutation(len(BUILDINGS))
+        self.map = {b: divmod(int(c), 3) for b, c in zip(BUILDINGS, cells, strict=True)}   # building -> (row, col)
+        self.facts = {"facts": self._people(), "arithmetic": _arithmetic(), "comparison": self._comparison(),
+                      "science": _science(), "time": _time(), "directions": self._directions(),
+                      "categories": _categories(), "opposites": _opposites()}
+
+    # -- knowledge ----------------------------------------------------------------------------
+
+    def _people(self) -> list[Fact]:
+        out = []
+        for p in self.people.values():
+            out += [_fact("city", p.city, CITIES, p=p.name), _fact("job", p.job, JOBS, p=p.name),
+                    _fact("pet", p.pet, PETS, p=p.name), _fact("food", p.food, FOODS, p=p.name),
+                    _fact("age", NUMBERS[p.age], NUMBERS[AGES.start:], p=p.name)]
+        return out
+
+    def _comparison(self) -> list[Fact]:
+        out = []
+        for i, x in enumerate(ANIMALS):
+            out += [_fact("bigger", y, ANIMALS[i:], x=x) for y in ANIMALS[:i]]
+            out += [_fact("smaller", y, ANIMALS[:i + 1], x=x) for y in ANIMALS[i + 1:]]
+        for x in self.people.values():
+            younger = [y.name for y in self.people.values() if y.age < x.age]
+            older = [y.name for y in self.people.values() if y.age > x.age]
+            out += [_fact("older", y, older, x=x.name) for y in younger]
+            out += [_fact("younger", y, younger, x=x.name) for y in older]
+        return out
+
+    def _directions(self) -> list[Fact]:
+        at = {cell: b for b, cell in self.map.items()}
+        out = []
+        for a, (r, c) in self.map.items():
+            for d, (dr, dc) in STEPS.items():
+                b = at.get((r + dr, c + dc))
+                if b is not None:
+                    out.append(_fact("map", b, BUILDINGS, a=a, d=d, o=OPPOSITE_DIRECTION[d]))
+        return out
+
+    # -- stories ------------------------------------------------------------------------------
+
+    def _narrative(self, rng: np.random.Generator) -> Example:
+        a, b = _pick(rng, list(NAMES), 2)
+        s, pos = PRONOUNS[NAMES[a]]
+        slots = dict(a=a, b=b, s=s, pos=pos, when=_pick(rng, WHEN), place=_pick(rng, PLACES),
+                     obj=_pick(rng, OBJECTS), colour=_pick(rng, COLOURS), animal=_pick(rng, ANIMALS),
+                     food=_pick(rng, FOODS))
+        optional = [k for k in STORY if k != "start"]
+        chosen = {"start", *_pick(rng, optional, int(rng.integers(1, 4)))}
+        if "play" in chosen:
+            chosen.add("object")
+        story = " ".join(STORY[k].format(**slots) for k in STORY if k in chosen)
+        kinds = [k for k, source in RECALLS_FROM.items() if source in chosen]
+        kind = _pick(rng, kinds)
+        prompt, slot, after = RECALL[kind]
+        answer = slots[slot]
+        category = {"place": PLACES, "b": NAMES, "obj": OBJECTS, "colour": COLOURS, "animal": ANIMALS,
+                    "food": FOODS}[slot]
+        wrong = tuple(_pick(rng, category, 3, exclude=spoken_words(story)))
+        return Example("narrative", f"{story} {prompt.format(**slots)}", answer, wrong, (answer,),
+                       _stable(story) % HELD_OUT_STORIES == 0, after.format(**slots))
+
+    def _endings(self, rng: np.random.Generator) -> Example:
+        first, seconds, thirds, ending = ENDING
+        a, b = _pick(rng, list(NAMES), 2)
+        need = _pick(rng, list(NEEDS))
+        slots = dict(a=a, b=b, s=PRONOUNS[NAMES[a]][0], need=need, place=_pick(rng, PLACES), when=_pick(rng, WHEN))
+        story = " ".join(t.format(**slots) for t in (first, _pick(rng, seconds), _pick(rng, thirds)))
+        end = lambda n: ending.format(action=NEEDS[n], **slots)  # noqa: E731
+        wrong = tuple(end(n) for n in _pick(rng, list(NEEDS), 3, exclude=(need,)))
+        return Example("endings", story, end(need), wrong, (need,), _stable(story) % HELD_OUT_STORIES == 0)
+
+    def _counting(self, rng: np.random.Generator) -> Example:
+        first, middles, question = COUNTING
+        op = _pick(rng, ("plus", "minus"))
+        n = int(rng.integers(0, 10)) if op == "plus" else int(rng.integers(0, 19))
+        m = int(rng.integers(0, 10)) if op == "plus" else int(rng.integers(0, min(n, 9) + 1))
+        a, b = _pick(rng, list(NAMES), 2)
+        slots = dict(a=a, b=b, s=PRONOUNS[NAMES[a]][0], n=NUMBERS[n], m=NUMBERS[m], things=_pick(rng, THINGS))
+        story = " ".join(t.format(**slots) for t in (first, middles[op], question))
+        answer = n + m if op == "plus" else n - m
+        wrong = tuple(_pick(rng, _near(answer), 3))
+        return Example("counting", story, NUMBERS[answer], wrong, (NUMBERS[n], NUMBERS[m]),
+                       _stable(story) % HELD_OUT_STORIES == 0, f" {slots['things']}.")
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    def example(self, domain: str, rng: np.random.Generator) -> Example:
+        """A random example of ``domain`` (held out or not)."""
+        if domain in STORY_DOMAINS:
+            return getattr(self, f"_{domain}")(rng)
+        if domain not in self.facts:
+            raise KeyError(f"unknown domain {domain!r} (known: {', '.join(DOMAINS)})")
+        facts = self.facts[domain]
+        fact = facts[int(rng.integers(len(facts)))]
+        k = int(rng.integers(len(PHRASINGS[fact.relation])))
+        phrase, cues = fact.phrasing(k)
+        wrong = tuple(_pick(rng, fact.wrong, min(3, len(fact.wrong))))
+        return Example(domain, f"{_pick(rng, OPENERS)} {phrase}", fact.answer, wrong, cues,
+                       k == fact.held_out_phrasing())
+
+    def examples(self, domain: str, n: int, rng: np.random.Generator, held_out: bool) -> list[Example]:
+        """``n`` examples of the training side (``held_out`` False: repeats allowed) or ``n`` distinct ones of
+        the benchmark side, each with three wrong answers; ValueError when the domain has fewer."""
+        found: dict[str, Example] = {}
+        out: list[Example] = []
+        for _ in range(200 * n + 1000):
+            if len(out) == n:
+                return out
+            ex = self.example(domain, rng)
+            if ex.held_out != held_out or (held_out and (len(ex.wrong) < 3 or ex.text in found)):
+                continue
+            found[ex.text] = ex
+            out.append(ex)
+        raise ValueError(f"{domain}: found {len(out)} of the {n} {'held-out' if held_out else 'training'} "
+                         f"examples asked (distinct benchmark items: {self.benchmark_capacity(domain)})")
+
+    def texts(self, domain: str, n: int, rng: np.random.Generator) -> list[str]:
+        """``n`` training texts of ``domain`` (never a held-out story or phrasing)."""
+        return [ex.text for ex in self.examples(domain, n, rng, held_out=False)]
+
+    def benchmark(self, domain: str, n: int, rng: np.random.Generator) -> list[MCQItem]:
+        """``n`` distinct held-out multiple-choice items (4 choices) in the eval schema."""
+        return [ex.item(rng) for ex in self.examples(domain, n, rng, held_out=True)]
+
+    def benchmark_capacity(self, domain: str) -> int | None:
+        """How many distinct items a knowledge domain can give (None: stories, practically unbounded)."""
+        if domain in STORY_DOMAINS:
+            return None
+        return len(OPENERS) * sum(len(f.wrong) >= 3 for f in self.facts[domain])
+
+
+# ----------------------------------------------------------------------------- common knowledge
+
+
+def _near(answer: int) -> list[str]:
+    """Numbers within 3 of ``answer`` (in range), as words: arithmetic's distractors."""
+    return [NUMBERS[k] for k in range(max(0, answer - 3), min(len(NUMBERS), answer + 4)) if k != answer]
+
+
+def _arithmetic() -> list[Fact]:
+    plus = [_fact("plus", NUMBERS[a + b], _near(a + b), a=NUMBERS[a], b=NUMBERS[b])
+            for a in range(10) for b in range(10)]
+    minus = [_fact("minus", NUMBERS[a - b], _near(a - b), a=NUMBERS[a], b=NUMBERS[b])
+             for a in range(len(NUMBERS)) for b in range(min(a, 9) + 1)]
+    return plus + minus
+
+
+def _science() -> list[Fact]:
+    return [_fact(attribute, value, sorted(set(table.values())), t=thing)
+            for attribute, table in SCIENCE.items() for thing, value in table.items()]
+
+
+def _time() -> list[Fact]:
+    out = []
+    for unit, names in (("day", DAYS), ("month", MONTHS)):
+        for i, d in enumerate(names):
+            out.append(_fact(f"{unit}_after", names[(i + 1) % len(names)], names, d=d))
+            out.append(_fact(f"{unit}_before", names[i - 1], names, d=d))
+    return out
+
+
+def _categories() -> list[Fact]:
+    return [_fact("kind", kind, CATEGORIES, w=w) for kind, members in CATEGORIES.items() for w in members]
+
+
+def _opposites() -> list[Fact]:
+    adjectives = list(chain.from_iterable(OPPOSITES))
+    return [_fact("opposite", y, adjectives, w=x) for a, b in OPPOSITES for x, y in ((a, b), (b, a))]
+
+
+def vocabulary() -> list[str]:
+    """Every word and punctuation mark any domain can produce (the tokenizer's vocabulary)."""
+    lexicon = [*NAMES, *chain.from_iterable(PRONOUNS.values()), *CITIES, *JOBS, *ANIMALS, *FOODS, *COLOURS,
+               *OBJECTS, *PLACES, *WHEN, *THINGS, *NUMBERS, *DAYS, *MONTHS, *BUILDINGS, *STEPS,
+               *chain.from_iterable(OPPOSITES), *NEEDS, *NEEDS.values(), *CATEGORIES, *OPENERS,
+               *chain.from_iterable((*t, *t.values()) for t in SCIENCE.values())]
+    templates = [*chain.from_iterable(PHRASINGS.values()), *STORY.values(),
+                 *chain.from_iterable(r[::2] for r in RECALL.values()), ENDING[0], *ENDING[1], *ENDING[2],
+                 ENDING[3], COUNTING[0], *COUNTING[1].values(), COUNTING[2], "."]
+    found = set(chain.from_iterable(words(s) for s in lexicon))
+    found |= set(chain.from_iterable(words(re.sub(r"\{\w+\}", " ", t)) for t in templates))
+    return sorted(found)
