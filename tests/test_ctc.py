@@ -93,9 +93,9 @@ def test_alignment_loss_falls_when_training_the_adapter(tiny_dir):
     model = build(tiny_dir)
     batch = pack(speech_docs(), model.vectors_for, 256, bos_id=0)
     params = list(model.adapter.parameters()) + [model.boundary]
-    opt = torch.optim.Adam(params, lr=3e-3)
+    opt = torch.optim.Adam(params, lr=3e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(50):
         out = model.adapter_output(batch.waves, batch.wave_lengths)
         loss = ctc_alignment_loss(out.vectors, out.blank_logits, out.lengths, batch.span_tokens,
                                   batch.span_token_count, model.token_logits, chunk_size=16)
@@ -104,8 +104,8 @@ def test_alignment_loss_falls_when_training_the_adapter(tiny_dir):
         opt.step()
         losses.append(loss.item())
     assert model.llm.get_input_embeddings().weight.grad is None      # E is the fixed target space
-    assert losses[-1] < 0.5 * losses[0], losses
-    # trained, the greedy path decodes the transcripts
+    assert losses[-1] < 0.1 * losses[0], losses
+    # trained, the greedy path decodes the transcripts, the repeated token (split by a blank) included
     assert model.transcribe(batch.waves, batch.wave_lengths) == [[20, 21, 21, 22], [30, 31]]
 
 
@@ -243,3 +243,23 @@ def test_config_checks():
         from_dict(LossConfig, {"ctc_weight": -0.1})
     with pytest.raises(ConfigError, match="compress"):
         from_dict(AdapterConfig, {"compress": "words"})
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_trains_with_ctc_and_compression(tmp_path):
+    """Partitioned E and boundary: 2 ranks with ZeRO-3 (text-only batches on some steps) train, and the export
+    (plain PyTorch) reproduces the engine's logits, so both took the same compressed layout."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.test_train import REPO, TORCHRUN, env
+
+    subprocess.run([sys.executable, "-m", "toy.smoke"], cwd=REPO, env=env(), check=True)   # reused if built
+    cmd = [*TORCHRUN, "-m", "train", "--config", "configs/smoke.yaml", "train.max_steps=4", "train.save_every=4",
+           "data.text_ratio=0.25", "loss.ctc_weight=0.5", "model.adapter.compress=ctc", f"run.dir={tmp_path}"]
+    subprocess.run(cmd, cwd=REPO, env=env(), check=True, timeout=600, capture_output=True)
+    out = tmp_path / "smoke/round-0"
+    assert json.loads((out / "DONE").read_text())["export_max_logit_diff"] < 1e-4
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(r["loss"] > r["kl"] for r in log)   # the CTC term is in the loss

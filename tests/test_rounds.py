@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 import yaml
 
 from selection.probe import probe_texts, split_text
+from tests.conftest import kill_tree  # noqa: E402
 from train.data import DataConfig, ShardSetRef, append_speech_set, round_speech_sets
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,7 +57,7 @@ def test_run_sh_two_rounds_resume_after_interruption(tmp_path):
     while time.time() < deadline and proc.poll() is None and not marker.exists():
         time.sleep(0.5)
     assert proc.poll() is None, "the run ended before round 1's selection finished"
-    os.killpg(proc.pid, signal.SIGKILL)        # interrupt during round 1 (after its selection)
+    kill_tree(proc.pid)        # interrupt during round 1 (after its selection)
     proc.wait()
     stamps = {p: p.stat().st_mtime for p in [out / "round-0/DONE", out / "round-0/eval.json", marker,
                                                 out / "round-1/selection/chosen.jsonl"]}

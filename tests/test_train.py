@@ -2,7 +2,6 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import kill_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -89,7 +90,7 @@ def test_kill_and_resume_gives_the_same_losses(full_run, tmp_path):
             break
         time.sleep(0.2)
     assert proc.poll() is None, "training ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     proc.wait()
     assert not (run_dir / "smoke/round-0/DONE").exists()
     # resume through the deepspeed launcher, with activation checkpointing on: same numbers
