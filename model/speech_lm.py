@@ -55,10 +55,15 @@ def embedding_table(embed: nn.Module) -> Tensor:
         return embed(torch.arange(weight.ds_shape[0], device=weight.device))
 
 
+def valid_mask(lengths: Tensor, width: int) -> Tensor:
+    """[S, width] bool: the first lengths[s] entries of each row."""
+    return torch.arange(width, device=lengths.device) < lengths[:, None]
+
+
 def ctc_runs(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     """Greedy CTC collapse of per-frame labels [S, n] valid up to ``lengths`` [S]: the first frame of every
     run of one token (runs of blank dropped, so "a blank a" emits a twice), and the valid frames; both [S, n]."""
-    valid = torch.arange(labels.shape[1], device=labels.device) < lengths[:, None]
+    valid = valid_mask(lengths, labels.shape[1])
     previous = F.pad(labels[:, :-1], (1, 0), value=BLANK_LABEL - 1)
     return valid & (labels != BLANK_LABEL) & (labels != previous), valid
 
@@ -147,7 +152,7 @@ class SpeechLM(nn.Module):
         E is fetched once (one collective under ZeRO-3, whatever the batch) and projected a chunk of rows at a
         time, so that [vectors, vocabulary] logits never exist at once."""
         table = embedding_table(self.llm.get_input_embeddings())
-        valid = torch.arange(out.vectors.shape[1], device=out.lengths.device) < out.lengths[:, None]
+        valid = valid_mask(out.lengths, out.vectors.shape[1])
         rows = out.vectors[valid]
         parts = [self.token_logits(part, table).float().max(1)
                  for part in rows.split(max(1, GREEDY_CHUNK // table.shape[0]))]   # at least one part
@@ -163,8 +168,7 @@ class SpeechLM(nn.Module):
         the path is untrained and the pooling arbitrary (it still runs)."""
         if self.adapter.cfg.compress == "ctc":
             return ctc_pool(out.vectors, self.greedy_labels(out), out.lengths)
-        valid = torch.arange(out.vectors.shape[1], device=out.lengths.device) < out.lengths[:, None]
-        return out.vectors[valid], out.lengths
+        return out.vectors[valid_mask(out.lengths, out.vectors.shape[1])], out.lengths
 
     @torch.no_grad()
     def transcribe(self, waves: Tensor, lengths: Tensor) -> list[list[int]]:

@@ -55,6 +55,7 @@ FORMAT = "salad-toy-encoder-v1"
 TRAIN_VOICES = ["en-us", "en-gb", "en-gb-x-rp", "en-us+f3", "en-gb+m3", "en-029", "en-us+f2"]
 TRAIN_SPEEDS = [130, 160, 190]
 HELDOUT_VOICE, HELDOUT_SPEED = "en-gb-scotland", 160
+TARGET_VOICE = "en-us"  # whose pronunciation the targets follow, whoever speaks
 SAMPLE_RATE = 16_000  # model.encoder.MelEncoder's rate
 _MARKS = "',%="  # stress and syllable marks espeak-ng prefixes to a phoneme
 _SEGMENT = re.compile(r"[A-Za-z0-9@]")  # a token without one of these is a pause or a linking mark
@@ -151,8 +152,18 @@ def _sinusoids(length: int, dim: int, like: Tensor) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).to(like.dtype)
 
 
+def _random_spans(limit: Tensor, size: int, width: int) -> Tensor:
+    """[B, size] bool: per row one span of 0..``width`` positions inside [0, limit)."""
+    w = torch.randint(0, width + 1, limit.shape, device=limit.device)[:, None]
+    start = (torch.rand(limit.shape, device=limit.device)[:, None] * (limit[:, None] - w + 1).clamp(min=1)).long()
+    pos = torch.arange(size, device=limit.device)
+    return (pos >= start) & (pos < start + w)
+
+
 class ToySpeechNet(nn.Module):
     """waves -> log-mel -> 4x conv subsampling -> Transformer -> hidden states (and CTC logits)."""
+
+    augment = (2, 15, 10)  # SpecAugment while training: masks of each kind, max mel bins, max mel frames
 
     def __init__(self, arch: ToyEncoderArch, phonemes: list[str]) -> None:
         super().__init__()
@@ -178,10 +189,16 @@ class ToySpeechNet(nn.Module):
         """waves [B, T], lengths [B] in samples -> last hidden states [B, F, dim], frame lengths [B].
 
         Every layer sees zeros past an item's frames (and attention ignores them), so valid frames do not
-        depend on the padding; frames past an item's length are not zeroed here.
+        depend on the padding; frames past an item's length are not zeroed here. While training, random bands
+        of mel bins and spans of frames are zeroed (SpecAugment), so that features rely on no single band or
+        instant of the few training voices.
         """
         x, n = self.mel(waves, lengths)  # zero past each item's mel frames
         x = x.transpose(1, 2).to(self.head.weight.dtype)
+        masks, bins, frames = self.augment
+        for _ in range(masks if self.training else 0):
+            band = _random_spans(torch.full_like(n, x.shape[1]), x.shape[1], bins)
+            x = x.masked_fill(band[:, :, None] | _random_spans(n, x.shape[2], frames)[:, None], 0.0)
         x = F.pad(x, (0, max(0, 1 - x.shape[2])))  # a batch of clips too short for one frame
         for conv in self.subsample:
             n = (n + 1) // 2
@@ -285,13 +302,14 @@ def random_word_strings(texts: list[str], n: int, seed: int, words: tuple[int, i
     return [" ".join(rng.choices(vocab, k=rng.randint(*words))) for _ in range(n)]
 
 
-def speak(texts: list[str], tts: TTSConfig, workers: int, progress: Progress, label: str,
+def speak(texts: list[str], tts: TTSConfig, target_voice: str | None, workers: int, progress: Progress, label: str,
           chunk: int = 256) -> tuple[list[np.ndarray], list[list[str]], int]:
-    """Speak text i with ``tts``'s combination i, phonemize it in that combination's voice.
+    """Speak text i with ``tts``'s combination i; its phonemes as ``target_voice`` pronounces the text (or,
+    if None, the voice that speaks it).
 
     Returns audio, symbols and the number of texts dropped (synthesis failed or no phonemes).
     """
-    voice_of = [combo[0] for combo in make_tts(tts, SAMPLE_RATE).combos]
+    voice_of = [target_voice or combo[0] for combo in make_tts(tts, SAMPLE_RATE).combos]
     voices = [voice_of[i % len(voice_of)] for i in range(len(texts))]
     symbols: list[list[str]] = [[] for _ in texts]
     by_voice = {v: [i for i in range(len(texts)) if voices[i] == v] for v in sorted(set(voices))}
@@ -379,14 +397,17 @@ def _progress(enabled: bool) -> Progress:
 
 
 def pretrain_encoder(texts: list[str], out_dir: str | Path, steps: int = 1000, voices: list[str] | None = None,
-                     speeds: list[int] | None = None, heldout_voice: str = HELDOUT_VOICE, heldout: int = 200,
-                     batch: int = 32, lr: float = 2e-3, eval_every: int = 250, arch: ToyEncoderArch | None = None,
-                     seed: int = 0, workers: int = 2, show_progress: bool = True) -> tuple[ToySpeechNet, dict]:
+                     speeds: list[int] | None = None, target_voice: str | None = TARGET_VOICE,
+                     heldout_voice: str = HELDOUT_VOICE, heldout: int = 200, batch: int = 32, lr: float = 2e-3,
+                     eval_every: int = 250, arch: ToyEncoderArch | None = None, seed: int = 0, workers: int = 2,
+                     show_progress: bool = True) -> tuple[ToySpeechNet, dict]:
     """Train the encoder with CTC on espeak-ng phonemes of ``texts`` spoken in ``voices`` x ``speeds``.
 
-    ``heldout`` texts (drawn at random, never trained on) are spoken by ``heldout_voice`` to measure the
-    phoneme error rate every ``eval_every`` steps. Saves encoder.safetensors + encoder.json in ``out_dir``
-    and returns the model (eval mode) and the metrics written into encoder.json.
+    Targets are the phonemes of the text as ``target_voice`` pronounces it, whoever speaks (None: as the
+    speaking voice does): one label sequence per text, so features that map every voice to it are rewarded.
+    ``heldout`` texts (drawn at random, never trained on) are spoken by ``heldout_voice`` to measure the phoneme
+    error rate every ``eval_every`` steps. Saves encoder.safetensors + encoder.json in ``out_dir`` and returns
+    the model (eval mode) and the metrics written into encoder.json.
     """
     texts = [t for t in texts if t.strip()]
     if steps <= 0 or batch <= 0 or eval_every <= 0:
@@ -401,8 +422,10 @@ def pretrain_encoder(texts: list[str], out_dir: str | Path, steps: int = 1000, v
     test_tts = TTSConfig(voices=[heldout_voice], speeds=[HELDOUT_SPEED])
     with _progress(show_progress) as bar:
         started = time.perf_counter()
-        audio, symbols, dropped = speak([texts[i] for i in order[heldout:]], train_tts, workers, bar, "speech")
-        test_audio, test_symbols, _ = speak([texts[i] for i in order[:heldout]], test_tts, workers, bar, "held-out")
+        audio, symbols, dropped = speak([texts[i] for i in order[heldout:]], train_tts, target_voice, workers, bar,
+                                        "speech")
+        test_audio, test_symbols, _ = speak([texts[i] for i in order[:heldout]], test_tts, target_voice, workers, bar,
+                                            "held-out")
         speech_seconds = time.perf_counter() - started
         inventory = sorted({s for syms in symbols for s in syms})
         model = ToySpeechNet(arch or ToyEncoderArch(), inventory)
@@ -446,7 +469,8 @@ def pretrain_encoder(texts: list[str], out_dir: str | Path, steps: int = 1000, v
         train_seconds = time.perf_counter() - started
     unseen = sum(s not in index for syms in test_symbols for s in syms)
     metrics = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "voices": train_tts.voices,
-               "speeds": train_tts.speeds, "train_utterances": len(audio), "dropped_utterances": dropped,
+               "speeds": train_tts.speeds, "target_voice": target_voice, "train_utterances": len(audio),
+               "dropped_utterances": dropped,
                "train_hours": round(sum(len(a) for a in audio) / SAMPLE_RATE / 3600, 3),
                "speech_seconds": round(speech_seconds, 1), "train_seconds": round(train_seconds, 1),
                "loss": losses, "heldout_voice": heldout_voice, "heldout_utterances": len(test_audio),

@@ -141,7 +141,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             save_pre_decay()
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            totals = torch.zeros(5)   # loss, kl, nll, target tokens, audio seconds
+            totals = torch.zeros(6)   # loss, kl, nll, ctc, target tokens, audio seconds
             for micro in range(schedule.grad_accum):
                 batch, _ = source.next(step, micro)
                 batch = batch.to(engine.device)
@@ -150,14 +150,14 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
                 engine.step()
                 audio_s = float(batch.wave_lengths.sum()) / model.encoder.sample_rate
                 totals += torch.tensor([out_["loss"].item(), out_["kl"].item(), out_["nll"].item(),
-                                        out_["tokens"].item(), audio_s])
+                                        out_["ctc"].item(), out_["tokens"].item(), audio_s])
             step += 1
             dist.all_reduce(totals)
             elapsed = time.perf_counter() - started
             n = schedule.grad_accum * world
             record = {"step": step, "loss": totals[0].item() / n, "kl": totals[1].item() / n,
-                      "nll": totals[2].item() / n, "lr": engine.get_lr()[0],
-                      "tokens_per_s": totals[3].item() / elapsed, "audio_s_per_s": totals[4].item() / elapsed}
+                      "nll": totals[2].item() / n, "ctc": totals[3].item() / n, "lr": engine.get_lr()[0],
+                      "tokens_per_s": totals[4].item() / elapsed, "audio_s_per_s": totals[5].item() / elapsed}
             if heldout is not None and step % schedule.diagnostics_every == 0:
                 sums = engine.module.diagnostics(heldout)   # collective under ZeRO-3: every rank runs it
                 dist.all_reduce(sums)

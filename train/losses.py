@@ -10,7 +10,9 @@ keeping them: peak memory is O(chunk_size x V) in forward and in backward.
 Contract for heads:
 - Call the module, never read ``head.weight``: under DeepSpeed ZeRO-3 the weight is partitioned and
   only gathered inside the module's forward. Trainable parameters inside the head (full fine-tuning,
-  LoRA on ``lm_head``) receive their gradients through autograd as usual.
+  LoRA on ``lm_head``) receive their gradients through autograd as usual. The CTC head
+  (``SpeechLM.token_logits``) reads the input embeddings through ``model.speech_lm.embedding_table``,
+  which calls the embedding module when the weight is partitioned.
 - A head is called again during backward (recompute), outside any context manager active around the
   loss call. It must give the same logits then: a teacher that is "the student with LoRA adapters
   disabled" must disable them inside the callable, not around the loss call.
