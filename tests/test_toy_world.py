@@ -83,11 +83,9 @@ def number(word):
 
 def check_arithmetic(world, ctx, choice):
     a, b = (number(w) for w in spoken_words(ctx) if w in NUMBERS)
-    if "take" in ctx and "from" in ctx:          # "take b from a"
+    if "take" in ctx:          # "take b from a"
         return choice == b - a
-    if "minus" in ctx or "take away" in ctx:
-        return choice == a - b
-    return choice == a + b
+    return choice == (a - b if "minus" in ctx else a + b)
 
 
 def check_counting(world, ctx, choice):
@@ -95,8 +93,7 @@ def check_counting(world, ctx, choice):
     return choice == (a + b if "found" in ctx else a - b)
 
 
-RELATION_WORDS = {"city": ("lives in", "home of", "house in"), "job": ("work", "job"), "pet": ("pet", "keeps"),
-                  "food": ("eat", "food"), "age": ("age", "is now")}
+RELATION_WORDS = {"city": ("city of",), "job": ("work",), "pet": ("pet",), "food": ("eat",), "age": ("age of",)}
 
 
 def check_facts(world, ctx, choice):
@@ -107,15 +104,8 @@ def check_facts(world, ctx, choice):
 
 
 def check_comparison(world, ctx, choice):
-    ws = spoken_words(ctx)
-    animals = [w for w in ws if w in ANIMALS]
-    if animals:
-        (x,) = animals
-        smaller = any(s in ctx for s in ("is bigger than", "is larger than", "animal smaller than"))
-        return (ANIMALS.index(choice) < ANIMALS.index(x)) == smaller and choice != x
-    (x,) = [w for w in ws if w in NAMES]
-    younger = any(s in ctx for s in ("is older than", "born before", "someone younger than"))
-    return (world.people[choice].age < world.people[x].age) == younger and choice != x
+    (x,) = [w for w in spoken_words(ctx) if w in ANIMALS]
+    return (ANIMALS.index(choice) < ANIMALS.index(x)) == ("bigger than" in ctx) and choice != x
 
 
 def check_science(world, ctx, choice):
@@ -128,8 +118,7 @@ def check_time(world, ctx, choice):
     ws = spoken_words(ctx)
     names = DAYS if any(w in DAYS for w in ws) else MONTHS
     (d,) = [w for w in ws if w in names]
-    later = (f"after {d} ", f"after the month of {d} ", f"{d} is over")
-    step = 1 if any(s in ctx + " " for s in later) else -1
+    step = 1 if f"after {d}" in ctx else -1
     return choice == names[(names.index(d) + step) % len(names)]
 
 
@@ -137,8 +126,6 @@ def check_directions(world, ctx, choice):
     ws = spoken_words(ctx)
     (a,) = [w for w in ws if w in world.map]
     (d,) = [w for w in ws if w in STEPS]
-    if ctx.endswith(f"the {a} is {d} of the"):          # then the answer lies opposite to d from a
-        d = {"north": "south", "south": "north", "east": "west", "west": "east"}[d]
     (r, c), (dr, dc) = world.map[a], STEPS[d]
     return world.map[choice] == (r + dr, c + dc)
 
@@ -199,7 +186,7 @@ def test_deciding_words_are_inside_the_context(world, domain):
 
 
 def strip_opener(text):
-    return next(text[len(o) + 1:] for o in OPENERS if text.startswith(o + " "))
+    return next((text[len(o) + 1:] for o in OPENERS if text.startswith(o + " ")), text)
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -219,6 +206,13 @@ def test_held_out_facts_are_known_from_other_phrasings(world):
     train = [set(spoken_words(t)) for t in world.texts("facts", 3000, rng(12))]
     for ex in world.examples("facts", 60, rng(13), held_out=True):
         assert any({*ex.cues, ex.answer} <= t for t in train), ex.text
+
+
+def test_every_phrasing_is_held_out_for_about_a_third_of_its_relation(world):
+    for facts in world.facts.values():
+        for relation in {f.relation for f in facts}:
+            counts = np.bincount([f.held_out for f in facts if f.relation == relation], minlength=3)
+            assert counts.max() - counts.min() <= 1, (relation, counts)
 
 
 def test_held_out_share_of_stories(world):
@@ -267,10 +261,9 @@ def test_word_tokenizer_one_token_per_word_and_context_plus_choice_splits_cleanl
 
 
 def test_teacher_learns_a_domain_and_is_saved(world, tmp_path):
-    """A few dozen steps on one easy domain: the loss falls and it beats chance clearly (< 30 s)."""
-    torch.manual_seed(0)
+    """150 steps of a small model on one easy domain: the loss falls and it beats chance clearly (~15 s)."""
     out = tmp_path / "teacher"
-    model, tok, info = train_teacher(world, out, steps=80, batch=16, seq_len=64, lr=5e-3,
+    model, tok, info = train_teacher(world, out, steps=150, batch=16, seq_len=64, lr=1e-2,
                                      weights={"endings": 1.0}, pool=300, hidden=64, layers=2, heads=4,
                                      progress=False)
     losses = info["losses"]
@@ -281,6 +274,8 @@ def test_teacher_learns_a_domain_and_is_saved(world, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     ids = torch.tensor([tok.encode(items[0].context)])
     assert torch.allclose(again(ids).logits, model(ids).logits, atol=1e-5)
-    assert teacher_accuracy(again, AutoTokenizer.from_pretrained(str(out)), items, shots=2) >= 0.6
+    loaded = AutoTokenizer.from_pretrained(str(out))     # the tokenizer as the jobs load it, beside config.json
+    assert loaded.encode(items[0].context) == tok.encode(items[0].context)
+    assert teacher_accuracy(again, loaded, items, shots=2) >= 0.6
     with pytest.raises(FileExistsError, match="already exists"):
         train_teacher(world, out, steps=1)

@@ -12,9 +12,12 @@ sinusoidal positions -> a 3-layer pre-norm Transformer -> CTC head over the phon
 
 Phoneme symbols: espeak-ng's own segmentation (``--sep=_``), so multi-character phonemes such as ``aU``,
 ``i@3`` or ``tS`` stay one symbol; stress and syllable marks (``' , % =``) are dropped (they are not
-segments), as are pauses and word boundaries (no acoustic cue between words at normal speed). Targets come
-from the voice that spoke the utterance (accents differ: en-gb-scotland says ``n,i@3r`` where en-us says
-``n,i@3``), so the held-out voice may use symbols the model never saw: they count as errors.
+segments), as are pauses and word boundaries (no acoustic cue between words at normal speed). Targets are
+the text as one reference voice (en-us) pronounces it, whoever speaks: accents spell the same word
+differently (en-gb-scotland ``n,i@3r``, en-us ``n,i@3``; en-gb ``@`` where en-us has ``@2``), and labels that
+follow the speaker taught the model accent-dependent spellings (phoneme error 0.18 on the held-out voice
+instead of 0.12 with one reference). One label sequence per text also suits the adapter: the same word should
+give the same features in every voice.
 
     python -m toy.speech_encoder --texts FILE --out DIR [--steps N] [--random-strings N]
 """
@@ -489,14 +492,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--random-strings", type=int, default=0,
                         help="add this many random word strings over the texts' vocabulary")
     parser.add_argument("--heldout", type=int, default=200, help="texts spoken by the held-out voice only")
+    parser.add_argument("--target-voice", default=TARGET_VOICE,
+                        help="voice whose pronunciation the targets follow; 'speaker': the voice that speaks")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     texts = read_texts(args.texts)
     texts += random_word_strings(texts, args.random_strings, args.seed) if args.random_strings else []
-    _, metrics = pretrain_encoder(texts, args.out, steps=args.steps, heldout=args.heldout, batch=args.batch,
-                                  eval_every=args.eval_every, seed=args.seed)
+    target_voice = None if args.target_voice == "speaker" else args.target_voice
+    _, metrics = pretrain_encoder(texts, args.out, steps=args.steps, target_voice=target_voice, heldout=args.heldout,
+                                  batch=args.batch, eval_every=args.eval_every, seed=args.seed)
     print(f"{args.out}: {metrics['train_utterances']} utterances ({metrics['train_hours']} h), "
           f"{metrics['steps']} steps in {metrics['train_seconds']} s, phoneme error rate {metrics['per']} "
           f"on {metrics['heldout_voice']}", file=sys.stderr)

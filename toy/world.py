@@ -8,7 +8,7 @@ map); the rest (sizes, science, calendar, opposites, categories) is common knowl
     counting     word problems: someone has some things, gets or gives some, how many now
     facts        people's city, job, pet, food, age
     arithmetic   plus and minus in words, results 0-18
-    comparison   which animal is bigger, which person is older
+    comparison   which animal is bigger or smaller
     science      how things feel, taste, look, what they are made of
     time         the order of days and months
     directions   the town map: what lies north/south/east/west of what
@@ -20,14 +20,14 @@ that decide the answer (``cues``, never the first or last word of the context: s
 edges made spoken accuracy noisy). Held out for benchmarks, never in the training text:
 - story domains (narrative, endings, counting): one story in 8, chosen by a hash of its text (narrative: of
   its first two sentences, so that no training story starts like a held-out one);
-- knowledge domains: for each fact, one of its phrasings (the fact itself is learned from the others).
+- knowledge domains: for each fact, one of its three phrasings (the fact itself is learned from the other two).
 """
 
 from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 
 import numpy as np
@@ -56,7 +56,6 @@ MONTHS = ("january", "february", "march", "april", "may", "june", "july", "augus
           "november", "december")
 BUILDINGS = ("bank", "church", "bakery", "station", "library", "hospital", "museum", "zoo", "cafe")
 STEPS = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
-OPPOSITE_DIRECTION = {"north": "south", "south": "north", "east": "west", "west": "east"}
 OPPOSITES = (("hot", "cold"), ("big", "small"), ("tall", "short"), ("fast", "slow"), ("old", "young"),
              ("happy", "sad"), ("up", "down"), ("open", "closed"), ("full", "empty"), ("wet", "dry"),
              ("early", "late"), ("loud", "quiet"))
@@ -78,33 +77,35 @@ CATEGORIES = {"animal": ANIMALS, "food": FOODS, "colour": COLOURS, "city": CITIE
 OPENERS = ("as you know,", "it is true that", "we all know that", "people say that", "i have heard that",
            "it is a fact that")
 AGES = range(6, 19)
+OPENER_SHARE = 1 / 3   # of training statements; every benchmark item has one (its first word decides nothing)
 
 # ----------------------------------------------------------------------------- phrasings
 # Knowledge: each fact is said in every phrasing of its relation but one (held out for the benchmark).
 # Stories: sentences with named slots. The vocabulary is read from these strings and the lexicon.
 
-PHRASINGS = {
-    "city": ("{p} lives in", "the home of {p} is in", "{p} has a house in"),
-    "job": ("{p} works as a", "{p} has a job as a", "at work {p} is a"),
-    "pet": ("{p} has a pet", "the pet of {p} is a", "at home {p} keeps a"),
-    "food": ("{p} likes to eat", "the favourite food of {p} is", "every day {p} wants to eat"),
-    "age": ("the age of {p} is", "{p} is now", "{p} had a birthday and is now"),
-    "plus": ("{a} plus {b} is", "{a} and {b} make", "add {b} to {a} and you get"),
-    "minus": ("{a} minus {b} is", "{a} take away {b} is", "take {b} from {a} and you get"),
-    "bigger": ("the {x} is bigger than the", "the {x} is larger than the", "an animal smaller than the {x} is the"),
-    "smaller": ("the {x} is smaller than the", "the {x} is not as big as the",
-                "an animal bigger than the {x} is the"),
-    "older": ("{x} is older than", "{x} was born before", "someone younger than {x} is"),
-    "younger": ("{x} is younger than", "{x} was born after", "someone older than {x} is"),
-    "feel": ("{t} feels", "if you touch {t} it feels", "{t} is always very"),
-    "taste": ("{t} tastes", "if you try {t} it tastes", "the taste of {t} is"),
-    "look": ("the colour of {t} is", "{t} has the colour", "{t} always looks"),
-    "material": ("a {t} is made of", "people make a {t} out of", "to build a {t} you need"),
-    "day_after": ("the day after {d} is", "after {d} comes", "when {d} is over it is"),
-    "day_before": ("the day before {d} is", "{d} comes after", "just before {d} comes"),
-    "month_after": ("the month after {d} is", "after the month of {d} comes", "when {d} is over it is"),
-    "month_before": ("the month before {d} is", "the month of {d} comes after", "just before {d} comes"),
-    "map": ("{d} of the {a} is the", "if you walk {d} from the {a} you reach the", "the {a} is {o} of the"),
+PHRASINGS = {   # the phrasings of a relation end alike: what is asked is clear from the words before the answer
+    "city": ("{p} lives in the city of", "the home of {p} is in the city of", "{p} has a house in the city of"),
+    "job": ("{p} works as a", "every day {p} goes to work as a", "for money {p} works as a"),
+    "pet": ("{p} has a pet", "at home {p} keeps a pet", "in the house of {p} lives a pet"),
+    "food": ("{p} likes to eat", "for dinner {p} likes to eat", "more than anything {p} likes to eat"),
+    "age": ("the age of {p} is", "right now the age of {p} is", "this year the age of {p} is"),
+    "plus": ("{a} plus {b} is", "{a} plus {b} equals", "if you add {a} and {b} you get"),
+    "minus": ("{a} minus {b} is", "{a} minus {b} equals", "if you take {b} from {a} you get"),
+    "bigger": ("the {x} is bigger than the", "the {x} is much bigger than the", "in size the {x} is bigger than the"),
+    "smaller": ("the {x} is smaller than the", "the {x} is much smaller than the",
+                "in size the {x} is smaller than the"),
+    "feel": ("{t} feels", "if you touch {t} it feels", "{t} always feels"),
+    "taste": ("{t} tastes", "if you try {t} it tastes", "{t} always tastes"),
+    "look": ("{t} looks", "if you look at {t} it looks", "{t} always looks"),
+    "material": ("a {t} is made of", "a {t} is always made of", "most of the time a {t} is made of"),
+    "day_after": ("the day after {d} is", "the day that comes after {d} is", "each week the day after {d} is"),
+    "day_before": ("the day before {d} is", "the day that comes before {d} is", "each week the day before {d} is"),
+    "month_after": ("the month after {d} is", "the month that comes after {d} is",
+                    "each year the month after {d} is"),
+    "month_before": ("the month before {d} is", "the month that comes before {d} is",
+                     "each year the month before {d} is"),
+    "map": ("{d} of the {a} is the", "if you go {d} from the {a} you reach the",
+            "when you walk {d} from the {a} you reach the"),
     "kind": ("{w} is a kind of", "{w} is the name of a", "the word {w} names a"),
     "opposite": ("the opposite of {w} is", "{w} is the opposite of", "the word that means the reverse of {w} is"),
 }
@@ -188,15 +189,13 @@ class Fact:
     slots: tuple[tuple[str, str], ...]
     answer: str
     wrong: tuple[str, ...]    # every wrong answer; three are drawn per example
+    held_out: int = 0         # the phrasing kept for the benchmark
 
     def phrasing(self, k: int) -> tuple[str, tuple[str, ...]]:
         """The context of phrasing ``k`` and the slot values in it (the cues)."""
         template, slots = PHRASINGS[self.relation][k], dict(self.slots)
         cues = tuple(slots[name] for name in re.findall(r"\{(\w+)\}", template))
         return template.format(**slots), cues
-
-    def held_out_phrasing(self) -> int:
-        return _stable(self.relation, self.slots) % len(PHRASINGS[self.relation])
 
 
 @dataclass(frozen=True)
@@ -213,6 +212,19 @@ def _fact(relation: str, answer: str, wrong, **slots: str) -> Fact:
     """Wrong answers exclude the right one and the words of the question (no "the frog is smaller than the frog")."""
     taken = {answer, *slots.values()}
     return Fact(relation, tuple(sorted(slots.items())), answer, tuple(w for w in wrong if w not in taken))
+
+
+def _balanced(facts: list[Fact]) -> list[Fact]:
+    """Held-out phrasings in turn within each relation (in a hashed order), so that every phrasing is
+    learned from about the same number of facts."""
+    order = sorted(range(len(facts)), key=lambda i: _stable(facts[i].relation, facts[i].slots))
+    seen: dict[str, int] = {}
+    out = list(facts)
+    for i in order:
+        f = facts[i]
+        k = seen[f.relation] = seen.get(f.relation, -1) + 1
+        out[i] = replace(f, held_out=k % len(PHRASINGS[f.relation]))
+    return out
 
 
 def _pick(rng: np.random.Generator, options, k: int | None = None, exclude=()):
@@ -237,9 +249,10 @@ class World:
                                     _pick(rng, FOODS), int(age)) for name, age in zip(NAMES, ages, strict=True)}
         cells = rng.permutation(len(BUILDINGS))
         self.map = {b: divmod(int(c), 3) for b, c in zip(BUILDINGS, cells, strict=True)}   # building -> (row, col)
-        self.facts = {"facts": self._people(), "arithmetic": _arithmetic(), "comparison": self._comparison(),
-                      "science": _science(), "time": _time(), "directions": self._directions(),
-                      "categories": _categories(), "opposites": _opposites()}
+        facts = {"facts": self._people(), "arithmetic": _arithmetic(), "comparison": _comparison(),
+                 "science": _science(), "time": _time(), "directions": self._directions(),
+                 "categories": _categories(), "opposites": _opposites()}
+        self.facts = {d: _balanced(f) for d, f in facts.items()}
 
     # -- knowledge ----------------------------------------------------------------------------
 
@@ -251,18 +264,6 @@ class World:
                     _fact("age", NUMBERS[p.age], NUMBERS[AGES.start:], p=p.name)]
         return out
 
-    def _comparison(self) -> list[Fact]:
-        out = []
-        for i, x in enumerate(ANIMALS):
-            out += [_fact("bigger", y, ANIMALS[i:], x=x) for y in ANIMALS[:i]]
-            out += [_fact("smaller", y, ANIMALS[:i + 1], x=x) for y in ANIMALS[i + 1:]]
-        for x in self.people.values():
-            younger = [y.name for y in self.people.values() if y.age < x.age]
-            older = [y.name for y in self.people.values() if y.age > x.age]
-            out += [_fact("older", y, older, x=x.name) for y in younger]
-            out += [_fact("younger", y, younger, x=x.name) for y in older]
-        return out
-
     def _directions(self) -> list[Fact]:
         at = {cell: b for b, cell in self.map.items()}
         out = []
@@ -270,7 +271,7 @@ class World:
             for d, (dr, dc) in STEPS.items():
                 b = at.get((r + dr, c + dc))
                 if b is not None:
-                    out.append(_fact("map", b, BUILDINGS, a=a, d=d, o=OPPOSITE_DIRECTION[d]))
+                    out.append(_fact("map", b, BUILDINGS, a=a, d=d))
         return out
 
     # -- stories ------------------------------------------------------------------------------
@@ -288,14 +289,15 @@ class World:
         sentences = [STORY[k].format(**slots) for k in STORY if k in chosen]
         story = " ".join(sentences)
         kinds = [k for k, source in RECALLS_FROM.items() if source in chosen]
-        kind = _pick(rng, kinds)
-        prompt, slot, after = RECALL[kind]
-        answer = slots[slot]
+        kinds = [kinds[int(i)] for i in rng.permutation(len(kinds))]   # the first is asked, the others follow
+        recalls = [(RECALL[k][0].format(**slots), slots[RECALL[k][1]], RECALL[k][2].format(**slots)) for k in kinds]
+        prompt, answer, after = recalls[0]
         category = {"place": PLACES, "b": NAMES, "obj": OBJECTS, "colour": COLOURS, "animal": ANIMALS,
-                    "food": FOODS}[slot]
+                    "food": FOODS}[RECALL[kinds[0]][1]]
         wrong = tuple(_pick(rng, category, 3, exclude=spoken_words(story)))
-        return Example("narrative", f"{story} {prompt.format(**slots)}", answer, wrong, (answer,),   # stories that
-                       _stable(sentences[:2]) % HELD_OUT_STORIES == 0, after.format(**slots))   # open alike: one side
+        more = "".join(f" {p} {a}{end}" for p, a, end in recalls[1:])   # more copying per story in training
+        return Example("narrative", f"{story} {prompt}", answer, wrong, (answer,),   # stories that open
+                       _stable(sentences[:2]) % HELD_OUT_STORIES == 0, after + more)   # alike: one side
 
     def _endings(self, rng: np.random.Generator) -> Example:
         first, seconds, thirds, ending = ENDING
@@ -333,8 +335,10 @@ class World:
         k = int(rng.integers(len(PHRASINGS[fact.relation])))
         phrase, cues = fact.phrasing(k)
         wrong = tuple(_pick(rng, fact.wrong, min(3, len(fact.wrong))))
-        return Example(domain, f"{_pick(rng, OPENERS)} {phrase}", fact.answer, wrong, cues,
-                       k == fact.held_out_phrasing())
+        held_out = k == fact.held_out
+        if held_out or rng.random() < OPENER_SHARE:
+            phrase = f"{_pick(rng, OPENERS)} {phrase}"
+        return Example(domain, phrase, fact.answer, wrong, cues, held_out)
 
     def examples(self, domain: str, n: int, rng: np.random.Generator, held_out: bool) -> list[Example]:
         """``n`` examples of the training side (``held_out`` False: repeats allowed) or ``n`` distinct ones of
@@ -376,11 +380,18 @@ def _near(answer: int) -> list[str]:
 
 
 def _arithmetic() -> list[Fact]:
-    plus = [_fact("plus", NUMBERS[a + b], _near(a + b), a=NUMBERS[a], b=NUMBERS[b])
-            for a in range(10) for b in range(10)]
-    minus = [_fact("minus", NUMBERS[a - b], _near(a - b), a=NUMBERS[a], b=NUMBERS[b])
-             for a in range(len(NUMBERS)) for b in range(min(a, 9) + 1)]
-    return plus + minus
+    """x + y and its inverse (x + y) - y for x, y in 0..9: results stay within 0..18."""
+    pairs = [(x, y) for x in range(10) for y in range(10)]
+    return ([_fact("plus", NUMBERS[x + y], _near(x + y), a=NUMBERS[x], b=NUMBERS[y]) for x, y in pairs]
+            + [_fact("minus", NUMBERS[x], _near(x), a=NUMBERS[x + y], b=NUMBERS[y]) for x, y in pairs])
+
+
+def _comparison() -> list[Fact]:
+    out = []
+    for i, x in enumerate(ANIMALS):
+        out += [_fact("bigger", y, ANIMALS[i:], x=x) for y in ANIMALS[:i]]
+        out += [_fact("smaller", y, ANIMALS[:i + 1], x=x) for y in ANIMALS[i + 1:]]
+    return out
 
 
 def _science() -> list[Fact]:
