@@ -6,10 +6,12 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
 from model.encoder import EncoderConfig, SpeechEncoder, build_encoder
+from shards.tts import TTSConfig
 from toy.speech_encoder import (
     CONFIG,
     WEIGHTS,
@@ -20,9 +22,11 @@ from toy.speech_encoder import (
     phonemize,
     phonemize_many,
     pretrain_encoder,
+    progress_bar,
     random_word_strings,
     read_texts,
     save_checkpoint,
+    speak,
 )
 from train.config import ConfigError
 
@@ -76,6 +80,18 @@ def test_phonemize_many_matches_one_by_one():
     assert many == [phonemize(t, "en-gb") for t in texts]
     assert many[1] == [] and all(many[i] for i in (0, 2, 3, 4, 5))  # text starting with '-' is spoken, not an option
     assert phonemize_many([], "en-gb") == []
+
+
+def test_targets_follow_the_target_voice_whoever_speaks():
+    """One label sequence per text (en-us), or the speaking voice's own pronunciation when asked for."""
+    tts = TTSConfig(voices=["en-gb-scotland"], speeds=[160])
+    texts = ["near the market", "!!!"]
+    with progress_bar(False) as bar:
+        audio, reference, dropped = speak(texts, tts, "en-us", 1, bar, "speech")
+        _, own, _ = speak(texts, tts, None, 1, bar, "speech")
+    assert len(audio) == 1 and dropped == 1 and audio[0].dtype == np.float32 and len(audio[0]) > 8_000
+    assert reference == [phonemize(texts[0], "en-us")] and own == [phonemize(texts[0], "en-gb-scotland")]
+    assert reference != own
 
 
 def test_phoneme_error_rate():

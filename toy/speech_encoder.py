@@ -394,7 +394,8 @@ def evaluate(model: ToySpeechNet, audio: list[np.ndarray], symbols: list[list[st
     return phoneme_error_rate(symbols, hypotheses)
 
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
+    """Bars for speech synthesis and training; each task shows a ``status`` field (hours, loss, PER)."""
     return Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[status]}"), disable=not enabled)
 
@@ -423,7 +424,7 @@ def pretrain_encoder(texts: list[str], out_dir: str | Path, steps: int = 1000, v
     order = rng.sample(range(len(texts)), len(texts))
     train_tts = TTSConfig(voices=voices or TRAIN_VOICES, speeds=speeds or TRAIN_SPEEDS)
     test_tts = TTSConfig(voices=[heldout_voice], speeds=[HELDOUT_SPEED])
-    with _progress(show_progress) as bar:
+    with progress_bar(show_progress) as bar:
         started = time.perf_counter()
         audio, symbols, dropped = speak([texts[i] for i in order[heldout:]], train_tts, target_voice, workers, bar,
                                         "speech")

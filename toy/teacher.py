@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from eval.benchmarks import MCQItem
 from eval.mcq import LM, prompt_document, score_item, shots_for, text_prefix_embeddings
+from toy import world as lexicon
 from toy.tiny import SPECIAL
 from toy.world import DOMAINS, World, vocabulary
 
@@ -35,6 +36,9 @@ WEIGHTS = {"narrative": 0.35, "endings": 0.05, "counting": 0.10, "arithmetic": 0
            "directions": 0.07, "comparison": 0.04, "science": 0.04, "time": 0.04, "categories": 0.03,
            "opposites": 0.03}
 NEWLINE = "\n"
+COPY = "copy"
+CONTENT = (*lexicon.NAMES, *lexicon.PLACES, *lexicon.OBJECTS, *lexicon.COLOURS, *lexicon.ANIMALS, *lexicon.FOODS,
+           *lexicon.CITIES, *lexicon.JOBS, *lexicon.BUILDINGS, *lexicon.NUMBERS, *lexicon.DAYS)
 
 
 def word_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
@@ -70,11 +74,25 @@ def tiny_llama(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, se
     return AutoModelForCausalLM.from_config(config)
 
 
+def copy_texts(n: int, rng: np.random.Generator) -> list[str]:
+    """Teacher-only warm-up text: a random list of the world's content words, then the same list again.
+
+    Every word of the repeat is predictable only by copying, which trains the copying circuit (induction
+    heads) that narrative recall needs far faster than the stories alone do.
+    """
+    out = []
+    for _ in range(n):
+        picks = rng.choice(len(CONTENT), size=int(rng.integers(4, 11)), replace=False)
+        listed = " ".join(CONTENT[int(i)] for i in picks)
+        out.append(f"{listed}. {listed}.")
+    return out
+
+
 def _pools(world: World, domains, tokenizer, size: int, rng: np.random.Generator) -> dict[str, list[list[int]]]:
     """``size`` tokenized training texts per domain, each followed by the blank-line separator."""
     sep = tokenizer.encode(NEWLINE * 2, add_special_tokens=False)
-    return {d: [ids + sep for ids in tokenizer(world.texts(d, size, rng), add_special_tokens=False)["input_ids"]]
-            for d in domains}
+    texts = {d: copy_texts(size, rng) if d == COPY else world.texts(d, size, rng) for d in domains}
+    return {d: [ids + sep for ids in tokenizer(t, add_special_tokens=False)["input_ids"]] for d, t in texts.items()}
 
 
 def _row(pools: dict[str, list[list[int]]], p: np.ndarray, length: int, bos: int,
@@ -101,7 +119,7 @@ def train_teacher(world: World, out_dir: str | Path, steps: int = 1500, batch: i
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: already exists; remove it to train a new teacher")
     weights = weights or WEIGHTS
-    unknown = set(weights) - set(DOMAINS)
+    unknown = set(weights) - {*DOMAINS, COPY}
     if unknown:
         raise ValueError(f"weights: unknown domains {sorted(unknown)} (known: {', '.join(DOMAINS)})")
     tmp = out_dir.with_name(out_dir.name + ".tmp")
