@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from eval.benchmarks import MCQItem
+from eval.benchmarks import MCQItem, read_items
 from toy.teacher import teacher_accuracy, train_teacher, word_tokenizer
 from toy.world import (
     ANIMALS,
@@ -230,6 +230,17 @@ def test_knowledge_domains_report_their_capacity(world):
     cap = world.benchmark_capacity("opposites")
     with pytest.raises(ValueError, match=f"opposites: found {cap} of the {cap + 1}"):
         world.benchmark("opposites", cap + 1, rng(15))
+
+
+def test_write_benchmarks_writes_one_file_per_domain_deterministically(world, tmp_path):
+    counts = world.write_benchmarks(tmp_path / "a", n=150, seed=3)
+    world.write_benchmarks(tmp_path / "b", n=150, seed=3)
+    assert set(counts) == set(DOMAINS)
+    for d in DOMAINS:
+        items = read_items(tmp_path / "a" / f"{d}.jsonl")
+        assert len(items) == counts[d] == min(150, world.benchmark_capacity(d) or 150)
+        assert (tmp_path / "a" / f"{d}.jsonl").read_bytes() == (tmp_path / "b" / f"{d}.jsonl").read_bytes()
+    assert counts["directions"] < 150 <= counts["narrative"]
 
 
 def test_vocabulary_covers_every_generated_word(world):

@@ -29,10 +29,11 @@ import re
 import zlib
 from dataclasses import dataclass, replace
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 
-from eval.benchmarks import MCQItem
+from eval.benchmarks import MCQItem, write_items
 
 # ----------------------------------------------------------------------------- lexicon
 
@@ -369,6 +370,15 @@ class World:
         if domain in STORY_DOMAINS:
             return None
         return len(OPENERS) * sum(len(f.wrong) >= 3 for f in self.facts[domain])
+
+    def write_benchmarks(self, out_dir: str | Path, n: int, seed: int = 0) -> dict[str, int]:
+        """``<domain>.jsonl`` per domain (eval schema, written atomically): ``n`` items, or all a knowledge
+        domain has when fewer. The same seed gives the same files. Returns the item count per domain."""
+        counts = {}
+        for k, d in enumerate(DOMAINS):
+            counts[d] = min(n, self.benchmark_capacity(d) or n)
+            write_items(Path(out_dir) / f"{d}.jsonl", self.benchmark(d, counts[d], np.random.default_rng([seed, k])))
+        return counts
 
 
 # ----------------------------------------------------------------------------- common knowledge
