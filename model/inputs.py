@@ -105,7 +105,7 @@ def interleave(chunk: Chunk, tokenizer, cfg: InputsConfig, rng: np.random.Genera
     """
     units = _word_units(chunk, cfg.word_margin_s) or _segment_units(chunk)
     spans: list[tuple[int, list[str], list[list]]] = []   # kind, words, [audio, lo, hi] per segment
-    kind = SPEECH if rng.random() < cfg.speech_first_prob else TEXT
+    kind = TEXT if rng.random() < cfg.speech_first_prob else SPEECH   # flipped to the first span's kind below
     budget = 0
     for text, audio, lo, hi in units:
         if budget <= 0:

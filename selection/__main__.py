@@ -7,6 +7,10 @@ Writes ``runs/<name>/round-R/selection/``: ``clusters.json``, ``probe.json``, ``
 ``chosen.jsonl``, ``score_vs_share.png``, the synthesized shard set ``shards/`` and ``DONE``, and
 appends that shard set to ``runs/<name>/data.yaml``. Every file is written atomically and a re-run
 continues where a killed one stopped (the shard build itself is resumable).
+
+``selection.strategy`` picks the ablation's variants: ``uniform`` draws clusters in proportion to the pool
+(gamma 0) at the same budget without probing a student (no ``probe.json`` nor plot); ``natural`` selects
+nothing and appends nothing, so the round's steps go to the natural speech only (``DONE`` says ``texts: 0``).
 """
 
 from __future__ import annotations
@@ -72,25 +76,70 @@ def plot_scores(path: Path, table: list[dict], score_name: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def select(cfg: ExperimentConfig, round_: int) -> Path:
-    from rich.console import Console
+def natural_sample_rate(cfg: ExperimentConfig) -> int:
+    """Rate of the natural speech, which training requires to be the encoder's: uniform selection
+    synthesizes at it without loading a student."""
+    from shards.format import read_index
+
+    if not cfg.data.speech:
+        raise ConfigError("data.speech: a natural speech shard set is required")
+    return int(read_index(cfg.data.speech[0].path)["sr"])
+
+
+def cluster_pool(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> tuple[list[str], np.ndarray]:
+    """The pool's texts and their balanced k-means cluster labels (written to ``clusters.json``)."""
+    from selection.cluster import balanced_kmeans, cluster_summary
+    from selection.embed import embed_texts, read_pool
+    from shards.format import atomic_write_json
+
+    sel = cfg.selection
+    texts = read_pool(sel.pool)
+    vectors = embed_texts(texts, sel.embed, rank, world, cache_dir=cfg.run.path() / "pool_embeddings")
+    labels, _ = balanced_kmeans(vectors, min(sel.clusters, len(texts)), seed=cfg.seed, tolerance=sel.tolerance)
+    if rank == 0:
+        atomic_write_json(out / "clusters.json", {"clusters": cluster_summary(labels, texts)})
+    return texts, labels
+
+
+def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels: np.ndarray, k: int, out: Path,
+                   rank: int, world: int) -> tuple[np.ndarray, int]:
+    """Active selection: the round R-1 student's score per cluster (written to ``probe.json``) and its
+    encoder's sample rate."""
     from rich.progress import Progress
 
     from model.build import load_export
-    from selection.allocate import allocate, allocation_table, target_shares
-    from selection.cluster import balanced_kmeans, cluster_summary
-    from selection.embed import embed_texts, read_pool
     from selection.probe import probe_texts, score_clusters
+    from shards.format import atomic_write_json
+    from train.dist import device
+    from train.objective import Objective
+
+    sel = cfg.selection
+    student, tokenizer = load_export(cfg.run.path() / f"round-{round_ - 1}" / "export",
+                                     teacher_path=cfg.model.llm.path)
+    student = student.to(device())
+    probes = {c: [texts[i] for i in idx] for c, idx in probe_texts(labels, sel.probes, cfg.seed + round_).items()}
+    with Progress(disable=rank != 0, transient=True) as bar:
+        job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
+        scores = score_clusters(Objective(student, cfg.loss), probes, tokenizer, sel.tts, student.encoder.sample_rate,
+                                cfg.inputs.context, sel.workers, rank, world, progress=lambda: bar.advance(job))
+    if rank == 0:
+        atomic_write_json(out / "probe.json", {"score": sel.score, "clusters": {str(c): v for c, v in scores.items()}})
+    return np.array([scores[c][sel.score] for c in range(k)]), student.encoder.sample_rate
+
+
+def select(cfg: ExperimentConfig, round_: int) -> Path:
+    from rich.console import Console
+
+    from selection.allocate import allocate, allocation_table, target_shares
     from shards.build import synthesize_texts
     from shards.format import atomic_write_bytes, atomic_write_json
     from train.data import ShardSetRef, append_speech_set
-    from train.dist import barrier, device, init_ranks
-    from train.objective import Objective
+    from train.dist import barrier, init_ranks
 
     sel = cfg.selection
     if round_ < 1:
         raise ValueError("--round: selection runs for rounds >= 1 (it uses the previous round's student)")
-    if not sel.pool:
+    if sel.strategy != "natural" and not sel.pool:
         raise ConfigError("selection.pool: a text pool is required")
     rank, world = init_ranks()
     console = Console(stderr=True)
@@ -101,41 +150,43 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
             console.print(f"{out} is complete ({DONE} exists); nothing to do")
         return out
     out.mkdir(parents=True, exist_ok=True)
+    if sel.strategy == "natural":
+        if rank == 0:
+            (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": 0, "budget_s": 0.0}) + "\n")
+            console.print(f"round {round_}: natural-speech control: nothing selected, the round trains on the "
+                          "natural speech only")
+        barrier()
+        return out
 
-    texts = read_pool(sel.pool)
-    vectors = embed_texts(texts, sel.embed, rank, world, cache_dir=run_dir / "pool_embeddings")
+    texts, labels = cluster_pool(cfg, out, rank, world)
     k = min(sel.clusters, len(texts))
-    labels, _ = balanced_kmeans(vectors, k, seed=cfg.seed, tolerance=sel.tolerance)
-    if rank == 0:
-        atomic_write_json(out / "clusters.json", {"clusters": cluster_summary(labels, texts)})
-
-    student, tokenizer = load_export(run_dir / f"round-{round_ - 1}" / "export", teacher_path=cfg.model.llm.path)
-    student = student.to(device())
-    probes = {c: [texts[i] for i in idx] for c, idx in probe_texts(labels, sel.probes, cfg.seed + round_).items()}
-    with Progress(disable=rank != 0, transient=True) as bar:
-        job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
-        scores = score_clusters(Objective(student, cfg.loss), probes, tokenizer, sel.tts, student.encoder.sample_rate,
-                                cfg.inputs.context, sel.workers, rank, world, progress=lambda: bar.advance(job))
-    score = np.array([scores[c][sel.score] for c in range(k)])
+    if sel.strategy == "active":
+        score, sample_rate = probe_clusters(cfg, round_, texts, labels, k, out, rank, world)
+        gamma = sel.gamma
+    else:
+        score, sample_rate, gamma = np.ones(k), natural_sample_rate(cfg), 0.0
     pool_share = np.bincount(labels, minlength=k) / len(labels)
-    shares = target_shares(pool_share, score, sel.gamma)
+    shares = target_shares(pool_share, score, gamma)
     budget = sel.budget_s or sel.budget_fraction * natural_seconds(cfg)
     seconds_per_text = np.array([len(t.split()) / sel.words_per_second for t in texts])
-    chosen = allocate(labels, score, sel.gamma, budget, seconds_per_text, seed=cfg.seed + round_,
+    chosen = allocate(labels, score, gamma, budget, seconds_per_text, seed=cfg.seed + round_,
                       exclude=previously_chosen(run_dir, round_))
     if rank == 0:
-        atomic_write_json(out / "probe.json", {"score": sel.score, "clusters": {str(c): v for c, v in scores.items()}})
         table = allocation_table(labels, chosen, score, shares, seconds_per_text)
-        atomic_write_json(out / "allocation.json", {"gamma": sel.gamma, "budget_s": budget, "clusters": table})
+        atomic_write_json(out / "allocation.json", {"strategy": sel.strategy, "gamma": gamma, "budget_s": budget,
+                                                    "clusters": table})
         lines = "".join(json.dumps({"index": i, "cluster": int(labels[i]), "text": texts[i]}) + "\n" for i in chosen)
         atomic_write_bytes(out / "chosen.jsonl", lines.encode())
-        plot_scores(out / "score_vs_share.png", table, sel.score)
+        if sel.strategy == "active":
+            plot_scores(out / "score_vs_share.png", table, sel.score)
         shards = synthesize_texts([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
-                                       student.encoder.sample_rate, sel.workers, source=f"selection-round-{round_}")
+                                  sample_rate, sel.workers, source=f"selection-round-{round_}")
         weight = sel.mix_weight or max(1e-3, budget / max(natural_seconds(cfg), 1e-9))
         append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=weight), round_)
-        (out / DONE).write_text(json.dumps({"texts": len(chosen), "budget_s": budget}) + "\n")
-        console.print(f"round {round_}: selected {len(chosen)} texts (~{budget:.0f} s) from {k} clusters -> {shards}")
+        (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen), "budget_s": budget})
+                                + "\n")
+        console.print(f"round {round_}: {sel.strategy} selection of {len(chosen)} texts (~{budget:.0f} s) from {k} "
+                      f"clusters -> {shards}")
     barrier()
     return out
 

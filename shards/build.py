@@ -449,6 +449,27 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        source=a.source, lang=a.lang, seed=a.seed)
 
 
+def build_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig | None = None, sr: int = 16000,
+                workers: int = 1, source: str = "", chunk_segments: int = 16, seed: int = 0) -> Path:
+    """Build ``(doc id, text)`` pairs into the shard set ``out`` (consecutive pairs of one doc are its segments),
+    spoken by ``tts`` or as text-only segments when it is None; nothing to do when ``out`` is complete, and
+    resumable like every build."""
+    if (out / INDEX_NAME).is_file():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        texts = Path(tmp) / "texts.jsonl"
+        texts.write_text("".join(json.dumps({"text": text, "doc": doc}) + "\n" for doc, text in docs))
+        build(BuildConfig(input=texts, out=out, sr=sr, format="text", tts=tts, workers=workers,
+                          chunk_segments=chunk_segments, source=source, seed=seed))
+    return out
+
+
+def synthesize_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
+                     source: str = "") -> Path:
+    """Speak ``(doc id, text)`` pairs into the shard set ``out``, one segment per document."""
+    return build_texts(docs, out, tts, sr, workers, source, chunk_segments=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     console = Console(stderr=True)
@@ -463,17 +484,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def synthesize_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
-                     source: str = "") -> Path:
-    """Speak ``(doc id, text)`` pairs into the shard set ``out`` (one segment per document), unless it is
-    complete already; resumable like every build."""
-    if (out / INDEX_NAME).is_file():
-        return out
-    with tempfile.TemporaryDirectory() as tmp:
-        texts = Path(tmp) / "texts.jsonl"
-        texts.write_text("".join(json.dumps({"text": text, "doc": doc}) + "\n" for doc, text in docs))
-        build(BuildConfig(input=texts, out=out, sr=sr, format="text", tts=tts, workers=workers, chunk_segments=1,
-                          source=source))
-    return out

@@ -121,6 +121,14 @@ def test_interleave_segment_level_and_text_only(tokenizer):
     assert [s.kind for s in only.spans] == [TEXT]
 
 
+@pytest.mark.parametrize("prob, first", [(1.0, SPEECH), (0.0, TEXT)])
+def test_speech_first_prob_sets_the_first_span(tokenizer, prob, first):
+    chunk, _ = chunk_with_words(tokenizer)
+    cfg = InputsConfig(text_words=[2, 3], speech_words=[2, 3], speech_first_prob=prob)
+    for seed in range(5):
+        assert interleave(chunk, tokenizer, cfg, np.random.default_rng(seed)).spans[0].kind == first
+
+
 def test_inputs_config_validation():
     with pytest.raises(ConfigError, match="^text_words:"):
         from_dict(InputsConfig, {"text_words": [5, 2]})

@@ -48,6 +48,8 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.diagnostics_every >= 0, "diagnostics_every", "must be >= 0")
         require(self.stage2_steps >= 0, "stage2_steps", "must be >= 0")
+        require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
+        require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
 
     def for_round(self, round_: int) -> TrainConfig:
         """Stage I (round 0) as configured; stage II continues from a pre-decay checkpoint: no warmup,
@@ -55,8 +57,6 @@ class TrainConfig:
         if round_ == 0:
             return self
         return dataclasses.replace(self, max_steps=self.stage2_steps or self.max_steps, warmup_steps=0)
-        require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
-        require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
 
 
 def _free_port() -> int:

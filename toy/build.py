@@ -1,0 +1,199 @@
+"""Assets of the toy default (configs/toy.yaml), built on first use, offline, and reused afterwards.
+
+    python -m toy.build [--out assets/toy] [--world-seed 0] [--size full|reduced] [--workers 2]
+
+Parts, each built only when missing and written under a temporary name first (a killed build resumes):
+
+- ``llm/``        the teacher: word-level tokenizer + ~1M-parameter Llama trained on every domain's text
+                  (toy.teacher), with ``accuracy.json``: its text accuracy on every benchmark;
+- ``encoder/``    the frozen toy speech encoder: CTC on espeak-ng phonemes of narrative sentences and random
+                  strings over the whole vocabulary (toy.speech_encoder), never the LLM;
+- ``speech/``     the natural speech: narrative stories only, one sentence per segment, several voices/speeds;
+- ``text/``       text-only shards of every domain (the anti-forgetting mix);
+- ``heldout/``    spoken documents of every domain in voices no training data uses (the diagnostics M and F);
+- ``pool.jsonl``  the selection pool: texts of every domain, unlabelled for selection (a ``domain`` field is
+                  kept for the analysis only; selection reads ``text``);
+- ``bench/``      one multiple-choice benchmark per domain (eval schema), held out from every text above.
+
+Why narrative alone is natural speech: like audiobooks in the paper, it covers a small part of what the LLM
+knows, so the student's gap is largest on the other domains and selection has something to find.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.build import build_texts
+from shards.format import atomic_write_bytes, atomic_write_json
+from shards.tts import TTSConfig
+from toy.speech_encoder import SAMPLE_RATE, TRAIN_SPEEDS, TRAIN_VOICES
+from toy.world import DOMAINS, World, vocabulary
+
+UNSEEN_VOICES = ["en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-us-nyc"]   # eval and held-out only
+NATURAL = "narrative"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of everything to build; ``reduced`` is the few-minute version the tests use."""
+
+    teacher_steps: int = 1500
+    encoder_steps: int = 1000
+    encoder_sentences: int = 1100
+    encoder_random_strings: int = 2900
+    stories: int = 500             # natural speech: narrative stories (about 7 sentences each)
+    text_per_domain: int = 200     # text shards
+    heldout_per_domain: int = 8    # spoken held-out texts per domain, 4 per document
+    pool_per_domain: int = 400
+    bench_items: int = 200         # per domain (all a knowledge domain has when fewer)
+
+
+SIZES = {"full": Sizes(),
+         "reduced": Sizes(teacher_steps=600, encoder_steps=300, encoder_sentences=300, encoder_random_strings=500,
+                          stories=60, text_per_domain=24, heldout_per_domain=4, pool_per_domain=40, bench_items=40)}
+
+
+def sentences(story: str) -> list[str]:
+    """A story's sentences ("... . ..." -> ["...", "..."]), each keeping its full stop."""
+    return [s.strip() + "." for s in story.split(".") if s.strip()]
+
+
+def split_segments(texts: list[str], rng: np.random.Generator) -> list[str]:
+    """Each sentence of ``texts`` cut in two at a random word (a prefix of >= 2 words), one segment each.
+
+    Without word timings a speech span is made of whole segments (model.inputs); cutting sentences puts
+    speech-to-text switches inside sentences, as in the benchmarks, where a spoken context ends mid-sentence
+    and the answer follows as text.
+    """
+    out = []
+    for sentence in (s for text in texts for s in sentences(text)):
+        words = sentence.split()
+        k = int(rng.integers(2, len(words))) if len(words) > 2 else len(words)
+        out += [" ".join(words[:k]), " ".join(words[k:])] if k < len(words) else [sentence]
+    return out
+
+
+def _docs(texts: list[str], prefix: str, per_doc: int) -> list[tuple[str, str]]:
+    return [(f"{prefix}-{i // per_doc:05d}", t) for i, t in enumerate(texts)]
+
+
+def _domain_rng(seed: int, part: str, domain: str) -> np.random.Generator:
+    """Independent streams per part and domain, so that changing one size never changes another part."""
+    return np.random.default_rng([seed, sum(map(ord, part)), DOMAINS.index(domain)])
+
+
+def build_teacher(world: World, out: Path, sizes: Sizes) -> None:
+    from toy.teacher import domain_accuracy, train_teacher
+
+    tmp = out.with_name(out.name + ".train")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model, tokenizer, info = train_teacher(world, tmp, sizes.teacher_steps)
+    accuracy = domain_accuracy(world, model, tokenizer, sizes.bench_items, shots=0, seed=0)
+    atomic_write_json(tmp / "accuracy.json", {"shots": 0, "items": sizes.bench_items, "accuracy": accuracy,
+                                               "train_seconds": info["wall_s"]})
+    tmp.rename(out)
+    print(f"teacher: {info['params']:,} params, {info['wall_s']:.0f} s; text accuracy "
+          + ", ".join(f"{d} {a:.2f}" for d, a in accuracy.items()), file=sys.stderr)
+
+
+def build_encoder(world: World, out: Path, sizes: Sizes, workers: int) -> None:
+    from toy.speech_encoder import pretrain_encoder, random_word_strings
+
+    rng = _domain_rng(world.seed, "encoder", NATURAL)
+    pool = [s for story in world.texts(NATURAL, sizes.encoder_sentences, rng) for s in sentences(story)]
+    texts = list(dict.fromkeys(pool))[: sizes.encoder_sentences]
+    texts += random_word_strings([" ".join(vocabulary())], sizes.encoder_random_strings, seed=world.seed)
+    tmp = out.with_name(out.name + ".train")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _, metrics = pretrain_encoder(texts, tmp, steps=sizes.encoder_steps, heldout=min(200, len(texts) // 10),
+                                  workers=workers)
+    tmp.rename(out)
+    print(f"encoder: phoneme error {metrics['per']} on {metrics['heldout_voice']} after {metrics['steps']} steps",
+          file=sys.stderr)
+
+
+def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
+    rng = _domain_rng(world.seed, "speech", NATURAL)
+    stories = world.texts(NATURAL, sizes.stories, rng)
+    docs = [(f"story-{i:05d}", s) for i, story in enumerate(stories) for s in split_segments([story], rng)]
+    build_texts(docs, out, TTSConfig(voices=TRAIN_VOICES, speeds=TRAIN_SPEEDS), SAMPLE_RATE, workers,
+                source="toy-narrative")
+
+
+def build_text(world: World, out: Path, sizes: Sizes) -> None:
+    docs = [doc for d in DOMAINS
+            for doc in _docs(world.texts(d, sizes.text_per_domain, _domain_rng(world.seed, "text", d)), d, 8)]
+    build_texts(docs, out, None, SAMPLE_RATE, source="toy-text")
+
+
+def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
+    docs = []
+    for d in DOMAINS:
+        rng = _domain_rng(world.seed, "heldout", d)
+        texts = world.texts(d, sizes.heldout_per_domain, rng)
+        docs += [(f"{d}-{i // 4:05d}", s) for i, text in enumerate(texts) for s in split_segments([text], rng)]
+    build_texts(docs, out, TTSConfig(voices=UNSEEN_VOICES), SAMPLE_RATE, workers, source="toy-heldout")
+
+
+def build_pool(world: World, out: Path, sizes: Sizes) -> None:
+    lines = [json.dumps({"text": t, "domain": d}) + "\n" for d in DOMAINS
+             for t in world.texts(d, sizes.pool_per_domain, _domain_rng(world.seed, "pool", d))]
+    order = np.random.default_rng(world.seed).permutation(len(lines))   # unlabelled: no domain order either
+    atomic_write_bytes(out, "".join(lines[i] for i in order).encode())
+
+
+def build_bench(world: World, out: Path, sizes: Sizes) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = world.write_benchmarks(tmp, sizes.bench_items, seed=world.seed)
+    atomic_write_json(tmp / "counts.json", counts)
+    tmp.rename(out)
+
+
+def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) -> None:
+    """Build every missing part of the toy assets into ``out`` (see the module docstring)."""
+    sizes = SIZES[size]
+    world = World(world_seed)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = {"world_seed": world_seed, "size": size, "sizes": asdict(sizes)}
+    stamp_path = out / "assets.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
+        raise SystemExit(f"{out}: built with other settings ({stamp_path}); remove the folder or choose --out")
+    atomic_write_json(stamp_path, stamp)
+    parts = [("bench", lambda p: build_bench(world, p, sizes)),
+             ("pool.jsonl", lambda p: build_pool(world, p, sizes)),
+             ("text", lambda p: build_text(world, p, sizes)),
+             ("speech", lambda p: build_speech(world, p, sizes, workers)),
+             ("heldout", lambda p: build_heldout(world, p, sizes, workers)),
+             ("encoder", lambda p: build_encoder(world, p, sizes, workers)),
+             ("llm", lambda p: build_teacher(world, p, sizes))]
+    for name, make in parts:
+        path = out / name
+        if not path.exists():
+            print(f"toy assets: building {path}", file=sys.stderr)
+            make(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python -m toy.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/toy"))
+    parser.add_argument("--world-seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
+    parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    build(args.out, args.world_seed, args.size, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
