@@ -1,15 +1,36 @@
-"""Evaluate a trained round: spoken benchmarks in three modes, the gap, and the diagnostics M and F.
+"""Evaluate a trained round: spoken benchmarks in three modes and the cascade, the gap, M and F.
 
     python -m eval --config CONFIG --round R [key=value ...]
     torchrun --nproc_per_node N -m eval --config CONFIG --round R     (items split across ranks)
 
 Reads ``runs/<name>/round-R/export`` (plain torch, no DeepSpeed) and the original LLM
-(``model.llm.path``, the teacher); writes ``runs/<name>/round-R/eval.json``.
+(``model.llm.path``, the teacher); writes ``runs/<name>/round-R/eval.json``::
+
+    {"tasks": {task: {teacher_text, student_text, student_speech, gap, text_gap, n, ci95}},
+     "cascade": {task: accuracy}, "cascade_wer": {task: word error rate},      (students with a CTC head)
+     "M": float, "F": float}                                                    (with eval.heldout)
+
+Cascade reference (the paper's ASR + LLM cascade, ``eval.cascade``): where the student has a CTC head
+(``loss.ctc_weight > 0`` or the export's ``adapter.compress: ctc``), every spoken context, the examples' too,
+is greedy-decoded along the student's CTC path (``SpeechLM.transcribe``) to LLM tokens, turned into text, and
+the teacher scores the same k-shot prompt as in teacher_text built from those words. "cascade_wer" is the word
+error rate of the decoded contexts against the benchmark's text (lower case, punctuation dropped). Without a
+CTC head neither key is written.
+
+Deterministic: the same export gives the same bytes in a fresh process, for the same launcher (world size)
+and thread count (float sums follow the threads' split: 1 and 2 CPU threads differ by ~1e-6 in a
+log-probability). Shots and bootstrap are seeded by ``seed``; every prompt and every decoding runs alone
+(never padded beside another item), so task numbers do not depend on the rank an item falls in; per-item
+results are gathered in item order; every module is in eval mode (``load_export``); choice log-probabilities
+are summed in a fixed order; and torch runs its deterministic kernels (on CUDA: cuBLAS with a fixed
+workspace, the CTC pooling's index_add without atomics). M and F do depend on the world size: each rank
+draws its own share of held-out documents.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +54,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_args(args), overrides
 
 
-def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path, rank: int, world: int) -> dict:
+def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path, rank: int, world: int,
+                  cascade: bool) -> tuple[dict, dict | None]:
+    """The task's metrics per mode, and with ``cascade`` the cascade's accuracy and word error rate."""
     from rich.progress import Progress
 
     from eval.benchmarks import read_items
-    from eval.mcq import LM, prompt_document, score_item, shots_for, speech_prefix_embeddings, text_prefix_embeddings
+    from eval.cascade import summarise, transcribe_contexts, word_errors
+    from eval.mcq import CASCADE, LM, MODES, correct_by_mode, shots_for
     from eval.spoken import build_spoken, load_spoken
 
     items = read_items(task.path)
@@ -51,28 +75,28 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
     missing = [it.id for it in items if it.id not in audio]
     if missing:
         raise ValueError(f"{spoken_dir}: no speech for items {missing[:5]} (see its rejects.jsonl)")
-    lms = {"teacher_text": LM.of(student.teacher), "student_text": LM.of(student.llm),
-           "student_speech": LM.of(student.llm)}
-    bos = tokenizer.bos_token_id
-    rows = []
     mine = list(range(rank, len(items), world))
+    shots = {i: shots_for(items, i, task.shots, cfg.seed) for i in mine}
+    teacher, llm = LM.of(student.teacher), LM.of(student.llm)
+    lms = {"teacher_text": teacher, "student_text": llm, "student_speech": llm}
+    transcripts = None
+    if cascade:   # the teacher reads the decoded contexts of this rank's items and examples
+        lms[CASCADE] = teacher
+        needed = sorted({it.id for i in mine for it in (items[i], *shots[i])})
+        transcripts = transcribe_contexts(student, tokenizer, audio, needed)
+    rows = []
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task(f"eval {task.name}", total=len(mine))
         for i in mine:
-            item, shots = items[i], shots_for(items, i, task.shots, cfg.seed)
-            text_doc = prompt_document(item, shots, tokenizer, None)
-            speech_doc = prompt_document(item, shots, tokenizer, audio)
-            picks = {}
-            for mode, lm in lms.items():
-                with torch.no_grad():
-                    prefix = (speech_prefix_embeddings(student, speech_doc, bos) if mode == "student_speech"
-                              else text_prefix_embeddings(lm, text_doc, bos))
-                picks[mode] = score_item(lm, prefix, item, tokenizer, cfg.eval.norm)
-            rows.append((i, {m: int(p == item.answer) for m, p in picks.items()}))
+            row = correct_by_mode(student, lms, items[i], shots[i], tokenizer, audio, cfg.eval.norm,
+                                  transcripts)
+            if transcripts is not None:
+                row["errors"], row["words"] = word_errors(items[i].context, transcripts[items[i].id])
+            rows.append((i, row))
             bar.advance(job)
-    rows = sorted(gather(rows))
-    correct = {m: [r[m] for _, r in rows] for m in picks}
-    return task_metrics(correct, cfg.eval.bootstrap, cfg.seed)
+    rows = [row for _, row in sorted(gather(rows), key=lambda r: r[0])]
+    metrics = task_metrics({m: [r[m] for r in rows] for m in MODES}, cfg.eval.bootstrap, cfg.seed)
+    return metrics, summarise(rows) if cascade else None
 
 
 def task_metrics(correct: dict[str, list[int]], n_bootstrap: int, seed: int) -> dict:
@@ -97,6 +121,13 @@ def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int
     return {"M": float(totals[0] / totals[1].clamp(min=1)), "F": float(totals[2] / totals[3].clamp(min=1))}
 
 
+def deterministic() -> None:
+    """Deterministic kernels wherever torch has them; one without warns instead of stopping a long evaluation.
+    cuBLAS reads its workspace setting when CUDA starts: set before any model reaches the GPU."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -111,12 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     if (round_dir / "eval.json").is_file() and not args.force:
         print(f"{round_dir / 'eval.json'} exists; nothing to do (--force evaluates again)", file=sys.stderr)
         return 0
+    from eval.cascade import has_ctc_head
+
+    deterministic()
     rank, world = init_ranks()
     torch.manual_seed(cfg.seed)
     student, tokenizer = load_export(round_dir / "export", teacher_path=cfg.model.llm.path)
     student = student.to(device())
-    result = {"tasks": {t.name: evaluate_task(cfg, t, student, tokenizer, run_dir, rank, world)
-                        for t in cfg.eval.tasks}}
+    cascade = has_ctc_head(student, cfg.loss.ctc_weight)
+    result: dict = {"tasks": {}} | ({"cascade": {}, "cascade_wer": {}} if cascade else {})
+    for task in cfg.eval.tasks:
+        metrics, reference = evaluate_task(cfg, task, student, tokenizer, run_dir, rank, world, cascade)
+        result["tasks"][task.name] = metrics
+        if reference is not None:
+            result["cascade"][task.name] = reference["accuracy"]
+            result["cascade_wer"][task.name] = reference["wer"]
     result.update(diagnostics(cfg, student, tokenizer, rank, world))
     if rank == 0:
         atomic_write_json(round_dir / "eval.json", result)

@@ -1,11 +1,13 @@
-"""k-shot multiple-choice scoring in three modes: teacher_text, student_text, student_speech.
+"""k-shot multiple-choice scoring in three modes, teacher_text, student_text, student_speech, and the cascade.
 
 Each choice is scored as a continuation of the prompt by its log-probability divided by its length
 (tokens, or characters as lm-eval-harness's acc_norm); the argmax wins. The prompt is run once and
 its KV cache is shared by all choices of the item (one batched pass over the choices).
 
 Prompt = k solved examples (context + right answer, blank line between) + the item's context. In
-speech mode every context (examples' and the item's) is spoken; answers and choices stay text.
+speech mode every context (examples' and the item's) is spoken; answers and choices stay text. The
+cascade (``eval.cascade``) is teacher_text with every context replaced by the words the student decoded
+from its speech.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from model.inputs import SPEECH, TEXT, Document, Span, pack
 from model.speech_lm import SpeechLM
 
 MODES = ("teacher_text", "student_text", "student_speech")
+CASCADE = "cascade"
 SEPARATOR = "\n\n"
 
 
@@ -47,8 +50,10 @@ def shots_for(items: list[MCQItem], index: int, k: int, seed: int) -> list[MCQIt
     return [items[others[int(i)]] for i in picks]
 
 
-def prompt_document(item: MCQItem, shots: list[MCQItem], tokenizer, audio: dict[str, np.ndarray] | None) -> Document:
-    """The prompt as spans; with ``audio`` (id -> waveform) contexts are speech spans, else text."""
+def prompt_document(item: MCQItem, shots: list[MCQItem], tokenizer, audio: dict[str, np.ndarray] | None,
+                    texts: dict[str, str] | None = None) -> Document:
+    """The prompt as spans; with ``audio`` (id -> waveform) contexts are speech spans, else text: the
+    items' own contexts, or with ``texts`` (id -> text, e.g. the cascade's decoded words) those."""
     spans: list[Span] = []
 
     def add(kind: int, text: str, wave: np.ndarray | None = None) -> None:
@@ -58,10 +63,16 @@ def prompt_document(item: MCQItem, shots: list[MCQItem], tokenizer, audio: dict[
         else:
             spans.append(Span(kind, ids, wave))
 
+    def add_context(it: MCQItem) -> None:
+        if audio:
+            add(SPEECH, it.context, audio[it.id])
+        else:
+            add(TEXT, texts[it.id] if texts is not None else it.context)
+
     for shot in shots:
-        add(SPEECH if audio else TEXT, shot.context, audio[shot.id] if audio else None)
+        add_context(shot)
         add(TEXT, shot.choices[shot.answer] + SEPARATOR)
-    add(SPEECH if audio else TEXT, item.context, audio[item.id] if audio else None)
+    add_context(item)
     return Document(spans)
 
 
@@ -98,7 +109,9 @@ def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> t
     last = out.last_hidden_state[:, -1:].expand(n, 1, -1)
     predictors = torch.cat([last, hidden[:, :-1]], 1)       # position j predicts choice token j
     logp = F.log_softmax(lm.head(predictors[mask]).float(), -1).gather(1, ids[mask][:, None]).squeeze(1)
-    return torch.zeros(n, device=prefix.device).index_add_(0, torch.nonzero(mask)[:, 0], logp)
+    # summed over a zero-padded [n, length] grid: one fixed order on every device (index_add_ adds
+    # atomically on CUDA, in an order that changes from run to run)
+    return logp.new_zeros(n, length).masked_scatter(mask, logp).sum(1)
 
 
 @torch.no_grad()
@@ -125,3 +138,25 @@ def score_item(lm: LM, prefix: torch.Tensor, item: MCQItem, tokenizer, norm: str
     choices = [tokenizer.encode(c, add_special_tokens=False) or [tokenizer.eos_token_id] for c in item.choices]
     scores = normalise(scorer(lm, prefix, choices), choices, item.choices, norm)
     return int(torch.argmax(scores))
+
+
+@torch.no_grad()
+def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots: list[MCQItem], tokenizer,
+                    audio: dict[str, np.ndarray], norm: str,
+                    transcripts: dict[str, str] | None = None) -> dict[str, int]:
+    """1 where a mode of ``lms`` (mode -> the LM that reads its prompt) picks the item's answer, else 0.
+
+    student_speech hears every context of the prompt; CASCADE reads them as ``transcripts`` (id -> decoded
+    text); the other modes read them as text. A cascade prompt can hold no token at all (nothing decoded, no
+    BOS, no shots): it then starts from EOS, as lm-evaluation-harness does for an empty context."""
+    bos = tokenizer.bos_token_id
+    out = {}
+    for mode, lm in lms.items():
+        if mode == "student_speech":
+            prefix = speech_prefix_embeddings(student, prompt_document(item, shots, tokenizer, audio), bos)
+        else:
+            doc = prompt_document(item, shots, tokenizer, None, transcripts if mode == CASCADE else None)
+            start = bos if bos is not None or any(span.ids for span in doc.spans) else tokenizer.eos_token_id
+            prefix = text_prefix_embeddings(lm, doc, start)
+        out[mode] = int(score_item(lm, prefix, item, tokenizer, norm) == item.answer)
+    return out

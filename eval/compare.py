@@ -1,0 +1,241 @@
+"""Side by side: active selection vs uniform selection vs the natural-speech control, over seeds.
+
+    python -m eval.compare RUN_DIR [RUN_DIR ...] [--natural-tasks narrative] [--out PREFIX]
+
+A run's variant (``selection.strategy``) and seed come from its last round's ``config.json`` (written by
+``python -m train``), not from its folder name, so run folders may be given in any order. Every run must
+have its last round evaluated at the same round R >= 1 on the same tasks. Prints, per task and on average
+over all tasks and over the tasks not in ``--natural-tasks``, student-speech accuracy and gap at stage I
+(round 0) and after round R for each variant, and the differences active - uniform and active - natural
+on that second average; writes them to ``PREFIX.json`` and ``PREFIX.md`` (default ``<runs folder>/ablation``).
+
+95% intervals: with several seeds, a t interval over seeds (differences paired by seed, since the variants of
+a seed share its stage-I student); with one seed, the item bootstrap intervals of eval.json (an average or a
+difference: normal approximation from them, tasks and runs taken as independent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from eval.report import ReportError, _md_table, _pct, build_report
+from shards.format import atomic_write_bytes, atomic_write_json
+
+VARIANTS = ("active", "uniform", "natural")
+MEASURES = {"student_speech": "Student speech accuracy (%)", "gap": "Gap: teacher text - student speech (points)"}
+STAGE_I = "stage I"
+Z = 1.959964
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+Point = tuple[float, float, float]   # value, 95% interval of one run
+
+
+@dataclass
+class Run:
+    path: Path
+    variant: str
+    seed: int
+    round: int
+    stage1: dict[str, dict]   # task -> eval.json results of round 0
+    last: dict[str, dict]     # task -> eval.json results of the last round
+
+
+def t975(df: int) -> float:
+    """97.5% quantile of Student's t (table to 30 degrees of freedom, then its first-order expansion)."""
+    return T975[df - 1] if df <= len(T975) else Z + (Z ** 3 + Z) / (4 * df)
+
+
+def load_run(path: Path) -> Run:
+    """A run's round-0 and last-round results, its variant and its seed."""
+    path = Path(path)
+    rounds = build_report(path)["rounds"]
+    if rounds[0]["round"] != 0:
+        raise ReportError(f"{path}: no round-0/eval.json (stage I is the reference)")
+    last = rounds[-1]
+    if last["round"] < 1:
+        raise ReportError(f"{path}: only round 0 is evaluated; a comparison needs a selection round")
+    config_path = path / f"round-{last['round']}" / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ReportError(f"{config_path}: cannot read the run's config ({exc})") from None
+    variant = (config.get("selection") or {}).get("strategy", "active")
+    seed = config.get("seed")
+    if variant not in VARIANTS:
+        raise ReportError(f"{config_path}: selection.strategy: must be one of {list(VARIANTS)}, got {variant!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ReportError(f"{config_path}: seed: must be an integer, got {seed!r}")
+    return Run(path, variant, seed, last["round"], rounds[0]["tasks"], last["tasks"])
+
+
+def scope_point(tasks: dict[str, dict], names: list[str], measure: str) -> Point:
+    """One run's measure on one task (with its bootstrap interval) or averaged over tasks (normal
+    approximation: the tasks' standard errors, read off their intervals, combined as independent)."""
+    if len(names) == 1:
+        lo, hi = tasks[names[0]]["ci95"][measure]
+        return tasks[names[0]][measure], lo, hi
+    value = sum(tasks[n][measure] for n in names) / len(names)
+    se = math.sqrt(sum(_se(tasks[n]["ci95"][measure]) ** 2 for n in names)) / len(names)
+    return value, value - Z * se, value + Z * se
+
+
+def _se(interval: list[float] | tuple[float, float]) -> float:
+    return (interval[1] - interval[0]) / (2 * Z)
+
+
+def difference(a: Point, b: Point) -> Point:
+    """a - b for one seed, its interval from the two runs' intervals taken as independent."""
+    value, se = a[0] - b[0], math.hypot(_se(a[1:]), _se(b[1:]))
+    return value, value - Z * se, value + Z * se
+
+
+def summarize(points: list[Point]) -> dict:
+    """Mean over seeds with a 95% interval: t over the seeds, or with one seed that seed's own interval."""
+    values = np.array([p[0] for p in points], dtype=np.float64)
+    mean = float(values.mean())
+    if len(points) == 1:
+        lo, hi = points[0][1:]
+    else:
+        half = t975(len(points) - 1) * float(values.std(ddof=1)) / math.sqrt(len(points))
+        lo, hi = mean - half, mean + half
+    return {"mean": mean, "ci95": [float(lo), float(hi)], "seeds": len(points)}
+
+
+def group(runs: list[Run]) -> dict[str, dict[int, Run]]:
+    """variant -> seed -> run, checking that all runs end at one round on one task set."""
+    first = runs[0]
+    by_variant: dict[str, dict[int, Run]] = {}
+    for run in runs:
+        if run.round != first.round:
+            raise ReportError(f"{run.path}: last evaluated round is {run.round}, but {first.path}'s is {first.round}")
+        if set(run.last) != set(first.last) or set(run.stage1) != set(first.last):
+            raise ReportError(f"{run.path}: tasks {list(run.last)} differ from {first.path}'s {list(first.last)}")
+        seeds = by_variant.setdefault(run.variant, {})
+        if run.seed in seeds:
+            raise ReportError(f"{run.path} and {seeds[run.seed].path}: both are {run.variant} with seed {run.seed}")
+        seeds[run.seed] = run
+    return {v: dict(sorted(by_variant[v].items())) for v in VARIANTS if v in by_variant}
+
+
+def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
+    """The side-by-side table and the differences (fractions; gaps and differences in [-1, 1])."""
+    if not runs:
+        raise ReportError("no runs to compare")
+    by_variant = group(runs)
+    tasks = list(runs[0].last)
+    other = [t for t in tasks if t not in natural_tasks]
+    if not other:
+        raise ReportError(f"every task ({', '.join(tasks)}) is in --natural-tasks: nothing to compare on")
+    excluded = [t for t in tasks if t in natural_tasks]
+    other_name = f"average excl. {', '.join(excluded)}" if excluded else "average"
+    scopes = {**{t: [t] for t in tasks}, "average": tasks, other_name: other}
+    stage1: dict[int, dict] = {}
+    for seeds in by_variant.values():   # a seed's variants share round 0: take it from the first variant
+        for seed, run in seeds.items():
+            stage1.setdefault(seed, run.stage1)
+    columns = {STAGE_I: [stage1[s] for s in sorted(stage1)],
+               **{v: [r.last for r in seeds.values()] for v, seeds in by_variant.items()}}
+    table = {scope: {m: {col: summarize([scope_point(res, names, m) for res in results])
+                         for col, results in columns.items()} for m in MEASURES}
+             for scope, names in scopes.items()}
+    differences = {}
+    active = by_variant.get("active", {})
+    for variant in ("uniform", "natural"):
+        paired = sorted(set(active) & set(by_variant.get(variant, {})))
+        if paired:
+            differences[f"active - {variant}"] = {
+                "seeds": paired,
+                **{m: summarize([difference(scope_point(active[s].last, other, m),
+                                            scope_point(by_variant[variant][s].last, other, m)) for s in paired])
+                   for m in MEASURES}}
+    return {"round": runs[0].round, "natural_tasks": list(natural_tasks), "scope_of_differences": other_name,
+            "runs": {v: {str(s): str(r.path) for s, r in seeds.items()} for v, seeds in by_variant.items()},
+            "table": table, "differences": differences}
+
+
+def _cell(stat: dict) -> str:
+    lo, hi = stat["ci95"]
+    return f"{_pct(stat['mean'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def table_rows(result: dict, measure: str) -> tuple[tuple[str, ...], list[list[str]]]:
+    columns = list(next(iter(result["table"].values()))[measure])
+    rows = [[scope, *(_cell(by[measure][c]) for c in columns)] for scope, by in result["table"].items()]
+    return ("task", *columns), rows
+
+
+def difference_rows(result: dict) -> tuple[tuple[str, ...], list[list[str]]]:
+    rows = [[name, *(_cell(d[m]) for m in MEASURES), ", ".join(map(str, d["seeds"]))]
+            for name, d in result["differences"].items()]
+    return ("contrast", "student speech", "gap", "seeds"), rows
+
+
+def sections(result: dict) -> list[tuple[str, tuple[str, ...], list[list[str]]]]:
+    """(title, header, rows) of every table, in the order they are printed."""
+    out = [(title, *table_rows(result, m)) for m, title in MEASURES.items()]
+    return out + [(f"Differences on the {result['scope_of_differences']} (points)", *difference_rows(result))]
+
+
+def _seeds_note(result: dict) -> str:
+    counts = ", ".join(f"{v} {len(seeds)}" for v, seeds in result["runs"].items())
+    return (f"Seeds per variant: {counts}. Mean over seeds [95% interval]: t over seeds; with one seed, the "
+            "bootstrap over items (normal approximation for averages and differences).")
+
+
+def markdown(result: dict) -> str:
+    lines = [f"# Ablation after round {result['round']}: active vs uniform selection vs natural speech only", "",
+             "stage I: round 0, shared by the variants of a seed. " + _seeds_note(result), ""]
+    for title, header, rows in sections(result):
+        lines += [f"## {title}", "", _md_table(header, rows), ""]
+    return "\n".join(lines)
+
+
+def print_result(result: dict, console: Console | None = None) -> None:
+    console = console or Console(width=None if sys.stdout.isatty() else 150)
+    for title, header, rows in sections(result):
+        table = Table(title=title)
+        for col in header:
+            table.add_column(col, justify="left" if col in ("task", "contrast") else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    console.print(_seeds_note(result))
+
+
+def write(result: dict, prefix: Path) -> list[Path]:
+    paths = [prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")]
+    atomic_write_json(paths[0], result)
+    atomic_write_bytes(paths[1], markdown(result).encode("utf-8"))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders (runs/<name>)")
+    parser.add_argument("--natural-tasks", default="narrative",
+                        help="comma-separated tasks the natural speech covers (left out of the second average)")
+    parser.add_argument("--out", type=Path, default=None, help="PREFIX of PREFIX.json and PREFIX.md")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        result = compare([load_run(p) for p in args.runs], [t for t in args.natural_tasks.split(",") if t])
+    except (ReportError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_result(result)
+    paths = write(result, args.out or args.runs[0].parent / "ablation")
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
