@@ -4,6 +4,11 @@
 #   ./run.sh test [PYTEST_ARGS...]   install what is missing, then run the test suite
 #   ./run.sh setup                   install what is missing (.venv, requirements, espeak-ng)
 #   ./run.sh [CONFIG] [key=value...] run the rounds of an experiment (default: the toy world)
+#   ./run.sh ablation [CONFIG] [--seeds 0,1,2] [key=value...]
+#                                    per seed (default: the config's), the rounds of <name>-s<seed> (active
+#                                    selection), then of <name>-s<seed>-uniform (gamma 0) and -natural (no
+#                                    selection: the same steps on natural speech) from the active run's round 0;
+#                                    then the side-by-side table runs/<name>-ablation.{json,md} (eval.compare)
 #
 # Rounds: round 0 = stage-I training + eval; round r = selection, stage-II training, eval; then the
 # report. Each job skips what is complete, so a killed run continues where it stopped. Set
@@ -57,10 +62,10 @@ runtime_env() {
 setup() { ensure_system; ensure_venv; runtime_env; }
 
 run_rounds() {
-  local config=$1; shift
-  local launch rounds
+  # run_rounds ROUNDS CONFIG [key=value...]: rounds 0..ROUNDS, then the report
+  local rounds=$1 config=$2; shift 2
+  local launch
   read -r -a launch <<< "${SALAD_LAUNCH:-$PY -m}"
-  rounds=$("$PY" -m train.experiment "$config" "$@" --get rounds)
   for ((r = 0; r <= rounds; r++)); do
     if [ "$r" -gt 0 ]; then
       log "round $r: selection"
@@ -74,6 +79,66 @@ run_rounds() {
   "$PY" -m eval.report --config "$config" "$@"
 }
 
+link_copy() {
+  # Copy folder $1 to $2 as hard links (files are replaced by rename, never written in place, so the copies
+  # stay independent), unless $2 exists; a killed copy leaves only a temp folder, removed on the next try.
+  local src=$1 dst=$2
+  local tmp
+  tmp="$(dirname "$dst")/.$(basename "$dst").partial"
+  [ -e "$dst" ] && return 0
+  rm -rf "$tmp"
+  cp -al "$src" "$tmp" 2>/dev/null || { rm -rf "$tmp"; cp -a "$src" "$tmp"; }
+  mv "$tmp" "$dst"
+}
+
+reuse_stage1() {
+  # An ablation variant starts from the active run's round 0 (the same stage-I student), with its caches
+  # (pool embeddings, spoken benchmarks); not its data.yaml, which lists the active run's selected speech.
+  local src=$1 dst=$2 part
+  if [ ! -f "$src/round-0/DONE" ] || [ ! -f "$src/round-0/eval.json" ]; then
+    log "$src/round-0 is not complete: cannot start $dst from it"
+    exit 1
+  fi
+  mkdir -p "$dst"
+  for part in round-0 pool_embeddings spoken; do
+    if [ -d "$src/$part" ]; then link_copy "$src/$part" "$dst/$part"; fi
+  done
+}
+
+run_ablation() {
+  local config=$1 seeds=$2; shift 2
+  local values rounds seed name dir s base variant runs=()
+  values=$("$PY" -m train.experiment "$config" "$@" --get rounds seed run.name run.dir)
+  read -r rounds seed name dir <<< "$values"
+  for s in ${seeds:-$seed}; do
+    base="$name-s$s"
+    log "ablation, seed $s: active selection ($dir/$base)"
+    run_rounds "$rounds" "$config" "$@" "seed=$s" "run.name=$base" selection.strategy=active
+    runs+=("$dir/$base")
+    for variant in uniform natural; do
+      log "ablation, seed $s: $variant ($dir/$base-$variant, from $base's round 0)"
+      reuse_stage1 "$dir/$base" "$dir/$base-$variant"
+      run_rounds "$rounds" "$config" "$@" "seed=$s" "run.name=$base-$variant" "selection.strategy=$variant"
+      runs+=("$dir/$base-$variant")
+    done
+  done
+  "$PY" -m eval.compare "${runs[@]}" --out "$dir/$name-ablation"
+}
+
+check_seeds() {
+  if ! [[ "$1" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    log "--seeds '$1': expected seeds separated by commas, e.g. --seeds 0,1,2"
+    exit 2
+  fi
+}
+
+require_config() {
+  if [ ! -f "$1" ]; then
+    log "config $1 not found (the toy default is not built yet: try ./run.sh configs/smoke.yaml)"
+    exit 2
+  fi
+}
+
 case "${1:-}" in
   test)
     shift
@@ -85,16 +150,31 @@ case "${1:-}" in
     log "ready: $VENV"
     ;;
   -h|--help|help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    ;;
+  ablation)
+    shift
+    config=configs/toy.yaml seeds="" overrides=()
+    if [ $# -gt 0 ] && [[ "$1" != *=* ]] && [[ "$1" != -* ]]; then config=$1; shift; fi
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --seeds) seeds=${2:-}; shift $(($# > 1 ? 2 : 1)); check_seeds "$seeds" ;;
+        --seeds=*) seeds=${1#--seeds=}; shift; check_seeds "$seeds" ;;
+        *=*) overrides+=("$1"); shift ;;
+        *) log "ablation: unexpected argument '$1' (usage: ./run.sh ablation [CONFIG] [--seeds 0,1,2] [key=value...])"
+           exit 2 ;;
+      esac
+    done
+    require_config "$config"
+    setup
+    run_ablation "$config" "${seeds//,/ }" "${overrides[@]}"
     ;;
   *)
     setup
     config=configs/toy.yaml
     if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config=$1; shift; fi
-    if [ ! -f "$config" ]; then
-      log "config $config not found (the toy default is not built yet: try ./run.sh configs/smoke.yaml)"
-      exit 2
-    fi
-    run_rounds "$config" "$@"
+    require_config "$config"
+    rounds=$("$PY" -m train.experiment "$config" "$@" --get rounds)
+    run_rounds "$rounds" "$config" "$@"
     ;;
 esac

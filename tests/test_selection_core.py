@@ -259,3 +259,96 @@ def test_allocation_table():
     assert sum(row["seconds"] for row in table) == pytest.approx(seconds[chosen].sum(), abs=0.01)
     assert sum(row["share"] for row in table) == pytest.approx(1.0)
     assert [row["target_share"] for row in table] == pytest.approx(shares.tolist())
+
+
+# ----------------------------------------------------------------------------- strategies (the ablation's variants)
+
+POOL = TEXTS + [
+    "Seven plus five makes twelve, and twelve minus three makes nine.",
+    "The bank raised its interest rate after the inflation report.",
+    "A tall tree grows slowly in the shade of the old forest.",
+    "Eight times two is sixteen and sixteen is more than ten.",
+    "The dog chased the cat around the garden until dinner.",
+]
+
+
+def strategy_config(tmp_path, strategy: str, pool: bool = True):
+    from train.experiment import load_experiment
+
+    natural = tmp_path / "natural"
+    atomic_write_json(natural / "index.json", {"sr": 16000, "shards": [{"url": "x.tar", "seconds": 100.0}]})
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in POOL)
+    (tmp_path / "pool.jsonl").write_text(lines)
+    return load_experiment(None, [
+        f"run.dir={tmp_path / 'runs'}", f"run.name={strategy}", f"selection.strategy={strategy}",
+        f"selection.pool={tmp_path / 'pool.jsonl' if pool else ''}", "selection.clusters=3", "selection.budget_s=7",
+        f"data.speech=[{{path: {natural}}}]", "seed=3"])
+
+
+@pytest.fixture
+def no_student(monkeypatch):
+    """Uniform and natural selection must never load a student."""
+    import model.build
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the student was loaded")
+
+    monkeypatch.setattr(model.build, "load_export", refuse)
+
+
+def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(tmp_path, no_student):
+    import yaml
+
+    from selection.__main__ import DONE, select
+
+    cfg = strategy_config(tmp_path, "uniform")
+    out = select(cfg, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["DONE", "allocation.json", "chosen.jsonl", "clusters.json",
+                                                     "shards"]   # no probe.json, no score plot
+    alloc = json.loads((out / "allocation.json").read_text())
+    assert (alloc["strategy"], alloc["gamma"], alloc["budget_s"]) == ("uniform", 0.0, 7.0)
+    pool = np.array([row["pool_texts"] for row in alloc["clusters"]])
+    assert pool.sum() == len(POOL)
+    np.testing.assert_allclose([row["target_share"] for row in alloc["clusters"]], pool / pool.sum())
+    chosen = [json.loads(x) for x in (out / "chosen.jsonl").read_text().splitlines()]
+    # the same draws as active selection with gamma 0, whatever the scores, at the same budget and seed
+    vectors = embed_texts(POOL, cfg.selection.embed, cache_dir=cfg.run.path() / "pool_embeddings")
+    labels, _ = balanced_kmeans(vectors, 3, seed=3, tolerance=cfg.selection.tolerance)
+    seconds = np.array([len(t.split()) / cfg.selection.words_per_second for t in POOL])
+    expected = allocate(labels, np.array([0.1, 7.0, 2.0]), 0.0, 7.0, seconds, seed=3 + 1)
+    assert [c["index"] for c in chosen] == expected and len(expected) >= 2
+    assert all(c["cluster"] == labels[c["index"]] and c["text"] == POOL[c["index"]] for c in chosen)
+    assert seconds[expected].sum() >= 7.0 > seconds[expected[:-1]].sum()
+    index = json.loads((out / "shards" / "index.json").read_text())
+    assert index["sr"] == 16000 and index["segments"] == len(chosen)    # at the natural speech's rate
+    entries = yaml.safe_load((cfg.run.path() / "data.yaml").read_text())["speech"]
+    assert entries == [{"path": str(out / "shards"), "weight": pytest.approx(0.07), "round": 1}]
+    assert json.loads((out / DONE).read_text()) == {"strategy": "uniform", "texts": len(chosen), "budget_s": 7.0}
+    again = select(cfg, 2)   # the next round never draws a text twice
+    second = {json.loads(x)["index"] for x in (again / "chosen.jsonl").read_text().splitlines()}
+    assert second and not second & set(expected)
+
+
+def test_natural_control_selects_nothing_and_the_round_trains_on_natural_speech(tmp_path, no_student):
+    from selection.__main__ import DONE, select
+    from train.data import round_speech_sets
+
+    cfg = strategy_config(tmp_path, "natural", pool=False)   # needs no pool either
+    out = select(cfg, 1)
+    assert [p.name for p in out.iterdir()] == [DONE]
+    assert json.loads((out / DONE).read_text()) == {"strategy": "natural", "texts": 0, "budget_s": 0.0}
+    assert not (cfg.run.path() / "data.yaml").exists()
+    assert [r.path for r in round_speech_sets(cfg.run.path(), cfg.data, 1)] == [cfg.data.speech[0].path]
+    stamp = (out / DONE).stat().st_mtime_ns
+    assert select(cfg, 1) == out and (out / DONE).stat().st_mtime_ns == stamp   # a re-run is a no-op
+
+
+def test_strategy_config_errors(tmp_path):
+    from selection.__main__ import select
+
+    with pytest.raises(ConfigError, match="selection.strategy: must be one of"):
+        strategy_config(tmp_path, "random")
+    with pytest.raises(ConfigError, match="selection.pool: a text pool is required"):
+        select(strategy_config(tmp_path, "uniform", pool=False), 1)
+    with pytest.raises(ValueError, match="--round"):
+        select(strategy_config(tmp_path, "natural"), 0)
