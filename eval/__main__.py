@@ -37,21 +37,16 @@ from pathlib import Path
 import torch
 
 from model.build import load_export
-from train.config import ConfigError, split_overrides
 from train.dist import all_reduce, barrier, device, finish, gather, init_ranks
-from train.experiment import ExperimentConfig, load_experiment
+from train.experiment import ExperimentConfig, job_parser, parse_job
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "salad_gap"
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    args, overrides = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--round", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="evaluate again even if eval.json exists")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(args), overrides
+def parser() -> argparse.ArgumentParser:
+    p = job_parser("python -m eval", __doc__, "the round whose export to evaluate")
+    p.add_argument("--force", action="store_true", help="evaluate again even if eval.json exists")
+    return p
 
 
 def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path, rank: int, world: int,
@@ -129,12 +124,7 @@ def deterministic() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_experiment(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args, cfg = parse_job(parser(), argv)
     from shards.format import atomic_write_json
 
     run_dir = cfg.run.path()

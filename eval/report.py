@@ -8,7 +8,6 @@ Reads every ``runs/<name>/round-R/eval.json`` (written by ``python -m eval``) an
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -23,8 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from shards.format import atomic_write_bytes, atomic_write_json
-from train.config import ConfigError, split_overrides
-from train.experiment import load_experiment
+from train.config import ConfigError
+from train.experiment import job_parser, parse_job
 
 MEASURES = ("teacher_text", "student_text", "student_speech", "gap", "text_gap")
 DIAGNOSTICS = ("M", "F")
@@ -236,12 +235,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    args = parser.parse_args(args)
+    _, cfg = parse_job(job_parser("python -m eval.report", __doc__), argv)
     try:
-        cfg = load_experiment(args.config, overrides)
         report = build_report(cfg.run.path())
     except (ConfigError, ReportError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,26 +15,16 @@ nothing and appends nothing, so the round's steps go to the natural speech only 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from train.config import ConfigError, split_overrides
-from train.experiment import ExperimentConfig, load_experiment
+from train.config import ConfigError
+from train.experiment import ExperimentConfig, job_parser, parse_job
 
 DONE = "DONE"
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    args, overrides = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m selection", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--round", type=int, required=True, help="R >= 1; uses the round R-1 student")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(args), overrides
 
 
 def natural_seconds(cfg: ExperimentConfig) -> float:
@@ -192,9 +182,9 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    args, cfg = parse_job(job_parser("python -m selection", __doc__, "R >= 1; uses the round R-1 student",
+                                     round_required=True), argv)
     try:
-        cfg = load_experiment(args.config, overrides)
         select(cfg, args.round)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

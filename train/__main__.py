@@ -10,7 +10,6 @@ A killed run started again with the same command resumes from its latest checkpo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,22 +22,13 @@ import torch
 import torch.distributed as dist
 
 from train import checkpoint
-from train.config import ConfigError, split_overrides, to_dict
-from train.experiment import ExperimentConfig, load_experiment
+from train.config import to_dict
+from train.experiment import ExperimentConfig, job_parser, parse_job
 from train.schedule import decay_start
 
 DONE = "DONE"
 PRE_DECAY = "pre-decay"
 EXPORT_TOLERANCE = {False: 1e-4, True: 3e-2}   # fp32 / bf16: relative logit difference of model vs export
-
-
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    args, overrides = split_overrides(argv)
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="experiment YAML")
-    parser.add_argument("--round", type=int, default=0, help="0 = stage I; R >= 1 = stage II of round R")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser.parse_args(args), overrides
 
 
 def round_dir(cfg: ExperimentConfig, round_: int) -> Path:
@@ -189,12 +179,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = load_experiment(args.config, overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    args, cfg = parse_job(job_parser("python -m train", __doc__, "0 = stage I; R >= 1 = stage II of round R"), argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     train(cfg, args.round)
     if dist.is_initialized():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from model.build import ModelConfig
 from model.inputs import InputsConfig
 from selection.config import SelectionConfig
 from shards.stream import StreamConfig
-from train.config import RunConfig, load_config
+from train.config import ConfigError, RunConfig, load_config, split_overrides
 from train.data import DataConfig
 from train.engine import TrainConfig
 from train.objective import LossConfig
@@ -35,12 +37,34 @@ def load_experiment(path: str | Path | None, overrides: list[str] | None = None)
     return load_config(path, ExperimentConfig, overrides)
 
 
+def job_parser(prog: str, doc: str | None, round_help: str | None = None,
+               round_required: bool = False) -> argparse.ArgumentParser:
+    """The options every job shares: ``--config``, and for per-round jobs ``--round`` and the ``--local_rank``
+    that the deepspeed launcher passes."""
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n")[0])
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    if round_help is not None:
+        parser.add_argument("--round", type=int, required=round_required, default=0, help=round_help)
+        parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_job(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, ExperimentConfig]:
+    """Options and ``key=value`` overrides from ``argv`` (default: the command line), then the config they name.
+
+    A bad config ends the process with status 2 and one line naming the key and the file.
+    """
+    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    ns = parser.parse_args(args)
+    try:
+        return ns, load_experiment(ns.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m train.experiment CONFIG [key=value ...] --get KEY...``: print resolved values (for run.sh)."""
-    import sys
-
-    from train.config import ConfigError, split_overrides
-
     args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     if "--get" not in args or args.index("--get") != 1:
         print("usage: python -m train.experiment CONFIG [key=value ...] --get KEY [KEY ...]", file=sys.stderr)
