@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,7 +91,7 @@ def _domain_rng(seed: int, part: str, domain: str) -> np.random.Generator:
     return np.random.default_rng([seed, sum(map(ord, part)), DOMAINS.index(domain)])
 
 
-def build_teacher(world: World, out: Path, sizes: Sizes) -> None:
+def build_teacher(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     from toy.teacher import domain_accuracy, train_teacher
 
     tmp = out.with_name(out.name + ".train")
@@ -127,7 +129,7 @@ def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
                 source="toy-narrative")
 
 
-def build_text(world: World, out: Path, sizes: Sizes) -> None:
+def build_text(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     docs = [doc for d in DOMAINS
             for doc in _docs(world.texts(d, sizes.text_per_domain, _domain_rng(world.seed, "text", d)), d, 8)]
     build_texts(docs, out, None, SAMPLE_RATE, source="toy-text")
@@ -142,14 +144,14 @@ def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     build_texts(docs, out, TTSConfig(voices=UNSEEN_VOICES), SAMPLE_RATE, workers, source="toy-heldout")
 
 
-def build_pool(world: World, out: Path, sizes: Sizes) -> None:
+def build_pool(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     lines = [json.dumps({"text": t, "domain": d}) + "\n" for d in DOMAINS
              for t in world.texts(d, sizes.pool_per_domain, _domain_rng(world.seed, "pool", d))]
     order = np.random.default_rng(world.seed).permutation(len(lines))   # unlabelled: no domain order either
     atomic_write_bytes(out, "".join(lines[i] for i in order).encode())
 
 
-def build_bench(world: World, out: Path, sizes: Sizes) -> None:
+def build_bench(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     counts = world.write_benchmarks(tmp, sizes.bench_items, seed=world.seed)
@@ -160,37 +162,42 @@ def build_bench(world: World, out: Path, sizes: Sizes) -> None:
 def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) -> None:
     """Build every missing part of the toy assets into ``out`` (see the module docstring)."""
     sizes = SIZES[size]
-    world = World(world_seed)
     out.mkdir(parents=True, exist_ok=True)
     stamp = {"world_seed": world_seed, "size": size, "sizes": asdict(sizes)}
     stamp_path = out / "assets.json"
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
         raise SystemExit(f"{out}: built with other settings ({stamp_path}); remove the folder or choose --out")
     atomic_write_json(stamp_path, stamp)
-    parts = [("bench", lambda p: build_bench(world, p, sizes)),
-             ("pool.jsonl", lambda p: build_pool(world, p, sizes)),
-             ("text", lambda p: build_text(world, p, sizes)),
-             ("speech", lambda p: build_speech(world, p, sizes, workers)),
-             ("heldout", lambda p: build_heldout(world, p, sizes, workers)),
-             ("encoder", lambda p: build_encoder(world, p, sizes, workers)),
-             ("llm", lambda p: build_teacher(world, p, sizes))]
-    for name, make in parts:
-        path = out / name
-        if not path.exists():
-            print(f"toy assets: building {path}", file=sys.stderr)
-            make(path)
+    data = [name for name in DATA_PARTS if not (out / name).exists()]
+    models = [name for name in MODEL_PARTS if not (out / name).exists()]
+    for name in data:
+        _build_part(name, out, world_seed, size, workers)
+    # the teacher and the encoder are independent single-threaded trainings: one process each
+    with ProcessPoolExecutor(max(1, len(models)), mp_context=mp.get_context("spawn")) as pool:
+        for job in [pool.submit(_build_part, name, out, world_seed, size, workers) for name in models]:
+            job.result()
+
+
+DATA_PARTS = {"bench": build_bench, "pool.jsonl": build_pool, "text": build_text, "speech": build_speech,
+              "heldout": build_heldout}
+MODEL_PARTS = {"encoder": build_encoder, "llm": build_teacher}
+
+
+def _build_part(name: str, out: Path, world_seed: int, size: str, workers: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"toy assets: building {out / name}", file=sys.stderr)
+    {**DATA_PARTS, **MODEL_PARTS}[name](World(world_seed), out / name, SIZES[size], workers)
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
     parser = argparse.ArgumentParser(prog="python -m toy.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("assets/toy"))
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
     build(args.out, args.world_seed, args.size, args.workers)
     return 0
 
