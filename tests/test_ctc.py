@@ -161,7 +161,12 @@ def test_compressed_student_embeddings_give_one_vector_per_token(constructed):
     embeds, layout = model.student_embeddings(batch)
     assert layout.vector_pos.tolist() == [layout.begin_pos.item() + 1, layout.begin_pos.item() + 2]
     assert layout.end_pos.item() == layout.begin_pos.item() + 3
-    torch.testing.assert_close(embeds[0, layout.vector_pos], torch.stack([frames[0:2].mean(0), frames[3:6].mean(0)]))
+    # each emitted token's pooled frames, read as their expected embedding under the CTC posterior
+    table = model.llm.get_input_embeddings().weight.detach()
+    pooled = torch.stack([frames[0:2].mean(0), frames[3:6].mean(0)]).detach()
+    expected = torch.softmax(pooled @ table.T, -1) @ table
+    torch.testing.assert_close(embeds[0, layout.vector_pos], expected)
+    assert expected[0, 0] > expected[0, 1] and expected[1, 1] > expected[1, 0]    # near E[A], then near E[B]
     assert_pairs_predict_the_same_token(batch, layout)
     embeds.sum().backward()
     assert frames.grad[2].abs().sum() == 0 and frames.grad[6].abs().sum() == 0   # blank frames dropped

@@ -47,6 +47,8 @@ class Sizes:
     """How much of everything to build; ``reduced`` is the few-minute version the tests use."""
 
     teacher_steps: int = 1500
+    teacher_layers: int = 4
+    teacher_hidden: int = 128
     encoder_steps: int = 1000
     encoder_sentences: int = 1100
     encoder_random_strings: int = 2900
@@ -58,8 +60,9 @@ class Sizes:
 
 
 SIZES = {"full": Sizes(),
-         "reduced": Sizes(teacher_steps=600, encoder_steps=300, encoder_sentences=300, encoder_random_strings=500,
-                          stories=60, text_per_domain=24, heldout_per_domain=4, pool_per_domain=40, bench_items=40)}
+         "reduced": Sizes(teacher_steps=800, teacher_layers=2, teacher_hidden=96, encoder_steps=300,
+                          encoder_sentences=300, encoder_random_strings=500, stories=60,
+                          text_per_domain=24, heldout_per_domain=4, pool_per_domain=40, bench_items=40)}
 
 
 def sentences(story: str) -> list[str]:
@@ -96,7 +99,8 @@ def build_teacher(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
     tmp = out.with_name(out.name + ".train")
     shutil.rmtree(tmp, ignore_errors=True)
-    model, tokenizer, info = train_teacher(world, tmp, sizes.teacher_steps)
+    model, tokenizer, info = train_teacher(world, tmp, sizes.teacher_steps, hidden=sizes.teacher_hidden,
+                                           layers=sizes.teacher_layers)
     accuracy = domain_accuracy(world, model, tokenizer, sizes.bench_items, shots=0, seed=0)
     atomic_write_json(tmp / "accuracy.json", {"shots": 0, "items": sizes.bench_items, "accuracy": accuracy,
                                                "train_seconds": info["wall_s"]})
@@ -115,7 +119,7 @@ def build_encoder(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     tmp = out.with_name(out.name + ".train")
     shutil.rmtree(tmp, ignore_errors=True)
     _, metrics = pretrain_encoder(texts, tmp, steps=sizes.encoder_steps, heldout=min(200, len(texts) // 10),
-                                  workers=workers)
+                                  eval_every=max(1, sizes.encoder_steps // 4), workers=workers)
     tmp.rename(out)
     print(f"encoder: phoneme error {metrics['per']} on {metrics['heldout_voice']} after {metrics['steps']} steps",
           file=sys.stderr)
