@@ -15,7 +15,7 @@ class SelectionConfig:
     # active: probe the previous student, P(c) ~ P_pool(c) * score^gamma; uniform: the ablation's baseline, P(c) ~
     # P_pool(c), no probing; natural: the control, nothing selected (the round trains on the natural speech only)
     strategy: Literal["active", "uniform", "natural"] = "active"
-    pool: str = ""                  # broad text pool: JSONL (`text`), .txt, or a text shard set
+    pool: str = ""                  # broad text pool: JSONL(.gz) (`text`), .txt, parquet file/folder, or text shards
     clusters: int = 128             # K of the balanced k-means
     tolerance: float = 0.05         # cluster sizes within this fraction of N/K
     probes: int = 8                 # probe texts per cluster

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from shards import sources
 from shards.format import atomic_write_bytes, read_index, read_shard, shard_urls
 from train.config import require
 
@@ -186,8 +187,9 @@ def embed_texts(texts: list[str], cfg: EmbedConfig, rank: int = 0, world: int = 
 
 
 def read_pool(path: str | Path) -> list[str]:
-    """Texts of a pool: a JSONL file (``text`` field), a .txt file (one text per line), or a shard set
-    folder (one text per segment). Blank texts are skipped."""
+    """Texts of a pool: a JSONL or gzipped JSONL file (``text`` field), a .txt file (one text per line),
+    parquet as the ``datasets`` library writes corpora (a file or a folder of them; ``text`` column, read
+    by the shard builder's reader), or a shard set folder (one text per segment). Blank texts are skipped."""
     path = Path(path)
     try:
         texts = _pool_texts(path)
@@ -197,19 +199,22 @@ def read_pool(path: str | Path) -> list[str]:
 
 
 def _pool_texts(path: Path) -> list[str]:
-    if path.is_dir():
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such text pool (a .jsonl, .jsonl.gz, .txt, .parquet or shard set "
+                                "folder)")
+    if path.suffix == ".parquet" or (path.is_dir() and sources.detect_format(path) == "parquet"):
+        texts = [rec.text for rec in sources.read_parquet(path) if rec.reject is None]
+    elif path.is_dir():
         read_index(path)  # a clear error when the folder is no complete shard set
         texts = [seg.text for url in shard_urls(path) for chunk in read_shard(url, decode_audio=False)
                  for seg in chunk.segments]
-    elif not path.is_file():
-        raise FileNotFoundError(f"{path}: no such text pool (a .jsonl, .txt or shard set folder)")
     elif path.suffix == ".txt":
         texts = path.read_text(encoding="utf-8").splitlines()
-    elif path.suffix == ".jsonl":
-        texts = [_jsonl_text(path, n, line)
-                 for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    elif path.name.endswith((".jsonl", ".jsonl.gz")):
+        texts = [_jsonl_text(path, n, raw.decode("utf-8")) for n, raw in sources.read_lines(path) if raw.strip()]
     else:
-        raise ValueError(f"{path}: unknown text pool format {path.suffix!r} (use .jsonl, .txt or a shard set)")
+        raise ValueError(f"{path}: unknown text pool format {path.suffix!r} (use .jsonl, .jsonl.gz, .txt, "
+                         ".parquet or a shard set)")
     return texts
 
 

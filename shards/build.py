@@ -66,6 +66,7 @@ class BuildConfig:
     out: Path
     sr: int = 16000
     format: str = "auto"
+    audio_root: Path | None = None  # relative audio paths of manifests and cuts; None = the manifest's folder
     tts: TTSConfig | None = None
     workers: int = 1
     shard_size_mb: float = 256.0
@@ -329,11 +330,11 @@ def build(cfg: BuildConfig, console: Console | None = None) -> dict[str, Any]:
     if not cfg.input.exists():
         raise BuildError(f"--input {cfg.input}: no such file or directory")
     fmt = sources.detect_format(cfg.input) if cfg.format == "auto" else cfg.format
-    cfg = replace(cfg, source=cfg.source or cfg.input.stem)
-    records = sources.read_records(cfg.input, fmt)
+    cfg = replace(cfg, source=cfg.source or Path(cfg.input.name.removesuffix(".gz")).stem)
+    records = sources.read_records(cfg.input, fmt, cfg.audio_root)
     if not records:
         raise BuildError(f"--input {cfg.input}: no inputs found (read as {fmt})")
-    tts = make_tts(cfg.tts, cfg.sr) if cfg.tts and fmt == "text" else None
+    tts = make_tts(cfg.tts, cfg.sr) if cfg.tts and fmt in sources.TEXT_FORMATS else None
     plan = make_plan(records, cfg.chunk_segments)
     fp = fingerprint(plan, cfg)
     done = trusted_shards(cfg.out, fp)
@@ -418,10 +419,14 @@ def _csv(kind: type) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p = argparse.ArgumentParser(prog="python -m shards.build", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", type=Path, required=True, help="manifest .jsonl, LibriSpeech-style folder, or text")
+    p.add_argument("--input", type=Path, required=True,
+                   help="manifest .jsonl, LibriSpeech-style folder, lhotse cuts .jsonl.gz (LibriHeavy), Emilia "
+                        ".tar or folder of tars, .parquet or folder of them, or text (.jsonl, .jsonl.gz, .txt)")
     p.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
     p.add_argument("--sr", type=int, default=16000, help="sample rate of the shards' audio")
     p.add_argument("--format", choices=("auto", *sources.FORMATS), default="auto")
+    p.add_argument("--audio-root", type=Path, default=None,
+                   help="folder that relative audio paths of a manifest or cuts are under (default: its folder)")
     p.add_argument("--tts", choices=("espeak-ng", "command"), help="synthesize text-only input to speech")
     p.add_argument("--tts-voices", type=_csv(str), default=["en-us"], help="comma-separated espeak-ng voices")
     p.add_argument("--tts-speeds", type=_csv(int), default=[160], help="comma-separated words per minute")
@@ -444,9 +449,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                         command=shlex.split(a.tts_command)) if a.tts else None
     except ValueError as exc:
         p.error(f"--tts: {exc}")
-    return BuildConfig(input=a.input, out=a.out, sr=a.sr, format=a.format, tts=tts, workers=a.workers,
-                       shard_size_mb=a.shard_size_mb, max_seconds=a.max_seconds, chunk_segments=a.chunk_segments,
-                       source=a.source, lang=a.lang, seed=a.seed)
+    return BuildConfig(input=a.input, out=a.out, sr=a.sr, format=a.format, audio_root=a.audio_root, tts=tts,
+                       workers=a.workers, shard_size_mb=a.shard_size_mb, max_seconds=a.max_seconds,
+                       chunk_segments=a.chunk_segments, source=a.source, lang=a.lang, seed=a.seed)
 
 
 def build_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig | None = None, sr: int = 16000,
@@ -475,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     try:
         index = build(cfg, console)
-    except (BuildError, TTSError, OSError) as exc:
+    except (BuildError, TTSError, OSError, sources.InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary(index, cfg.out), file=sys.stderr)

@@ -1,15 +1,23 @@
-"""Input readers for the shard builder: manifests, LibriSpeech-style trees and plain text.
+"""Input readers for the shard builder: manifests, LibriSpeech-style trees, the paper's corpora
+(LibriHeavy cut manifests, Emilia WebDataset tars, ``datasets``-written parquet) and plain text.
 
 Readers only list segments (cheap: no audio is decoded), in input order, as ``Record``s. A bad
 input is never dropped silently: it comes out as a Record with a ``reject`` reason, so the builder
 can count it and write it to ``rejects.jsonl``. Audio is read later, in the builder's worker
-processes, by ``load_audio``, which raises ``Rejected`` for unusable audio.
+processes, by ``load_audio``, which raises ``Rejected`` for unusable audio. A whole input file that
+cannot be read (a truncated gzip or tar, a parquet file without a ``text`` column) raises ``InputError``
+before any audio is touched.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
+import re
+import tarfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +28,11 @@ import soundfile as sf
 import torch
 import torchaudio
 
-FORMATS = ("manifest", "librispeech", "text")
+FORMATS = ("manifest", "librispeech", "libriheavy", "emilia", "parquet", "text")
+TEXT_FORMATS = ("text", "parquet")  # no audio: spoken by --tts, or text-only shards
 AUDIO_SUFFIXES = (".flac", ".wav")
+TAR_AUDIO = ("mp3", "flac", "wav")  # audio members of a WebDataset sample, in order of preference
+RANGE_SLACK_S = 0.002  # an end this far past the file is its end (start + duration rounded to ms)
 
 MISSING_FILE = "missing_file"
 UNREADABLE_AUDIO = "unreadable_audio"
@@ -34,6 +45,14 @@ DUPLICATE_KEY = "duplicate_key"
 BAD_RANGE = "bad_range"
 BAD_RECORD = "bad_record"  # a JSON line whose fields have the wrong type (e.g. "start": "abc")
 TTS_FAILED = "tts_failed"
+UNSUPPORTED_CUT = "unsupported_cut"  # a lhotse cut that is not one local file (MixedCut, url, transforms)
+
+_WINDOW_ID = re.compile(r"(.+)_W(\d+)")  # Emilia: <source>_W<window index>
+_WDS_MEMBER = re.compile(r"((?:.*/)?[^./]+)\.([^/]+)")  # WebDataset: key = up to the basename's first dot
+
+
+class InputError(ValueError):
+    """A whole input file cannot be read in its format; the message names the file and the reason."""
 
 
 class Rejected(Exception):
@@ -49,7 +68,9 @@ class Record:
     """One input segment before its audio is read, or (``reject`` set) a rejected input.
 
     ``input`` locates it for humans (``file:line`` or the audio path); ``uid`` identifies it for
-    duplicate detection (utterance id, or doc and position); ``pos`` orders segments in ``doc``.
+    duplicate detection (utterance id, or doc and position); ``pos`` orders segments in ``doc``;
+    ``start``/``end`` cut the audio file (seconds); ``byte_range`` (offset, size) says the audio file is
+    those bytes of ``audio`` (a member of a tar).
     """
 
     input: str
@@ -62,28 +83,37 @@ class Record:
     start: float | None = None
     end: float | None = None
     words: list[list[Any]] | None = None
+    byte_range: tuple[int, int] | None = None
 
 
 def detect_format(path: Path) -> str:
-    """A folder is a LibriSpeech-style tree; a JSONL whose first record has "audio" is a manifest."""
+    """By suffix (``.tar`` Emilia, ``.parquet``) or, for JSONL (``.jsonl``, ``.jsonl.gz``), by the first
+    record: lhotse cuts have "recording" and "supervisions", a manifest has "audio", else text. A folder
+    is read by what it holds: ``*.trans.txt`` (LibriSpeech), ``*.tar`` (Emilia) or ``*.parquet``."""
     if path.is_dir():
+        for fmt, pattern in (("librispeech", "*.trans.txt"), ("emilia", "*.tar"), ("parquet", "*.parquet")):
+            if next(path.rglob(pattern), None) is not None:
+                return fmt
         return "librispeech"
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for raw in f:
-                if raw.strip():
-                    try:
-                        first = json.loads(raw)
-                    except ValueError:
-                        break
-                    return "manifest" if isinstance(first, dict) and "audio" in first else "text"
+    if path.suffix in (".tar", ".parquet"):
+        return "emilia" if path.suffix == ".tar" else "parquet"
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        first = next((_parse_json(raw) for _, raw in read_lines(path) if raw.strip()), None)
+        if isinstance(first, dict) and "recording" in first and "supervisions" in first:
+            return "libriheavy"
+        return "manifest" if isinstance(first, dict) and "audio" in first else "text"
     return "text"
 
 
-def read_records(path: Path, fmt: str) -> list[Record]:
-    """All records of an input in input order, duplicates marked as rejected."""
-    readers = {"manifest": read_manifest, "librispeech": read_librispeech, "text": read_text}
-    return mark_duplicates(readers[fmt](path))
+def read_records(path: Path, fmt: str, audio_root: Path | None = None) -> list[Record]:
+    """All records of an input in input order, duplicates marked as rejected. Relative audio paths of
+    manifests and cuts are under ``audio_root`` (default: the manifest's folder)."""
+    base = audio_root if audio_root is not None else path.parent
+    readers: dict[str, Callable[[], Iterable[Record]]] = {
+        "manifest": lambda: read_manifest(path, base), "librispeech": lambda: read_librispeech(path),
+        "libriheavy": lambda: read_libriheavy(path, base), "emilia": lambda: read_emilia(path),
+        "parquet": lambda: read_parquet(path), "text": lambda: read_text(path)}
+    return mark_duplicates(readers[fmt]())
 
 
 def mark_duplicates(records: Iterable[Record]) -> list[Record]:
@@ -100,10 +130,55 @@ def mark_duplicates(records: Iterable[Record]) -> list[Record]:
     return out
 
 
-def read_manifest(path: Path) -> Iterator[Record]:
-    """JSONL: ``{"audio", "text", "doc"?, "pos"?, "start"?, "end"?, "words"?}``, paths relative to it."""
+def read_manifest(path: Path, base: Path) -> Iterator[Record]:
+    """JSONL: ``{"audio", "text", "doc"?, "pos"?, "start"?, "end"?, "words"?}``, paths relative to ``base``."""
     for where, lineno, obj in _json_lines(path):
-        yield _guarded(where, _manifest_record, obj, where, lineno, path.parent)
+        yield _guarded(where, _manifest_record, obj, where, lineno, base)
+
+
+def read_libriheavy(path: Path, base: Path) -> list[Record]:
+    """A lhotse cut manifest (``.jsonl`` or ``.jsonl.gz``; LibriHeavy's ``libriheavy_cuts_*.jsonl.gz``).
+
+    One MonoCut per line; its audio is the span [start, start + duration] of the recording's one
+    ``file`` source (relative paths under ``base``). The text is the supervisions' LibriHeavy book text
+    (``custom.texts[0]``: cased, punctuated) or else their ``text``, joined in manifest order.
+    A document is one reading of a book: the folder of the recording id (``small/100/sea_fairies_.../
+    01_baum_...`` -> ``small/100/sea_fairies_...``), not ``custom.text_path`` (one book can have several
+    readers); a recording id without ``/`` is its own document. Cuts are ordered by recording path, then
+    start, so a book's chapters follow each other.
+    """
+    records = [_guarded(where, _cut_record, obj, where, base) for where, _, obj in _json_lines(path)]
+    for pos, rec in enumerate(sorted((r for r in records if r.reject is None), key=lambda r: (r.audio, r.start))):
+        rec.pos = pos
+    return records
+
+
+def read_emilia(path: Path) -> Iterator[Record]:
+    """Emilia's WebDataset tars (``EN/EN-B000000.tar``; a folder means all tars in it, sorted): per sample
+    ``<key>.mp3`` and ``<key>.json`` ``{"id" (Emilia-YODAS: "_id"), "text", "speaker", "duration", ...}``.
+
+    A document is the source recording: the id without its ``_W<window>`` suffix, windows ordered by
+    that index (``EN_B00000_S00000_W000001`` is window 1 of ``EN_B00000_S00000``); an id of another form
+    falls back to ``speaker`` as the document, in input order. Audio stays in the tar: the record points
+    at the member's bytes.
+    """
+    tars = sorted(path.rglob("*.tar")) if path.is_dir() else [path]
+    samples = (sample for tar in tars for sample in _tar_samples(tar))
+    for n, (where, key, meta, byte_range, tar) in enumerate(samples):
+        yield _guarded(where, _emilia_record, meta, byte_range, where, key, tar, n)
+
+
+def read_parquet(path: Path) -> Iterator[Record]:
+    """Text corpora as the ``datasets`` library writes them (FineWeb-Edu, SmolLM-Corpus): parquet with a
+    string ``text`` column, one document per row, named by a string ``id`` column when there is one; a
+    folder means all ``*.parquet`` files in it, sorted."""
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    root = path if path.is_dir() else path.parent
+    for file in files:
+        name = _file_name(file, root)
+        for row, (text, doc) in enumerate(_parquet_rows(file), 1):
+            where = f"{file}:{row}"
+            yield _guarded(where, _line_record, text, where, doc or f"{name}-{row:07d}", 0)
 
 
 def read_librispeech(root: Path) -> Iterator[Record]:
@@ -116,13 +191,15 @@ def read_librispeech(root: Path) -> Iterator[Record]:
 
 
 def read_text(path: Path) -> Iterator[Record]:
-    """Text only: JSONL (``{"text", "doc"?, "pos"?}``, one doc per line by default) or plain text
-    (one segment per line, one doc per file); a folder means all such files in it."""
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".txt")) if path.is_dir() else [path]
+    """Text only: JSONL or gzipped JSONL (``{"text", "doc"?, "pos"?}``, one doc per line by default, named
+    by a string ``id`` when there is one) or plain text (one segment per line, one doc per file); a folder
+    means all such files in it."""
+    suffixes = (".jsonl", ".jsonl.gz", ".txt")
+    files = sorted(p for p in path.rglob("*") if p.name.endswith(suffixes)) if path.is_dir() else [path]
     root = path if path.is_dir() else path.parent
     for file in files:
-        name = file.relative_to(root).with_suffix("").as_posix()
-        if file.suffix == ".jsonl":
+        name = _file_name(file, root)
+        if file.name.endswith((".jsonl", ".jsonl.gz")):
             for where, lineno, obj in _json_lines(file):
                 yield _guarded(where, _text_record, obj, where, f"{name}-{lineno:06d}", lineno)
         else:
@@ -137,19 +214,19 @@ def load_audio(rec: Record, sr: int, max_seconds: float | None) -> np.ndarray:
     if not Path(rec.audio).exists():
         raise Rejected(MISSING_FILE)
     try:
-        info = sf.info(rec.audio)
-    except (sf.LibsndfileError, RuntimeError, OSError):
-        raise Rejected(UNREADABLE_AUDIO) from None
-    native, frames = info.samplerate, info.frames
-    if frames <= 0:
-        raise Rejected(ZERO_LENGTH)
-    start = round((rec.start or 0.0) * native)
-    stop = frames if rec.end is None else round(rec.end * native)
-    if start >= frames or stop > frames:
-        raise Rejected(BAD_RANGE)
-    check_length(stop - start, native, max_seconds)
-    try:
-        audio, _ = sf.read(rec.audio, start=start, stop=stop, dtype="float32", always_2d=True)
+        with sf.SoundFile(_audio_file(rec)) as f:
+            native, frames = f.samplerate, f.frames
+            if frames <= 0:
+                raise Rejected(ZERO_LENGTH)
+            start = round((rec.start or 0.0) * native)
+            stop = frames if rec.end is None else round(rec.end * native)
+            if frames < stop <= frames + RANGE_SLACK_S * native:
+                stop = frames
+            if start >= frames or stop > frames:
+                raise Rejected(BAD_RANGE)
+            check_length(stop - start, native, max_seconds)
+            f.seek(start)
+            audio = f.read(stop - start, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError):
         raise Rejected(UNREADABLE_AUDIO) from None
     if len(audio) < stop - start:
@@ -159,6 +236,20 @@ def load_audio(rec: Record, sr: int, max_seconds: float | None) -> np.ndarray:
     if native != sr:
         audio = torchaudio.functional.resample(torch.from_numpy(audio), native, sr).numpy()
     return audio
+
+
+def _audio_file(rec: Record) -> str | io.BytesIO:
+    """What to decode: the audio path, or (``byte_range`` set) the tar member's bytes."""
+    assert rec.audio is not None
+    if rec.byte_range is None:
+        return rec.audio
+    offset, size = rec.byte_range
+    with open(rec.audio, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    if len(data) < size:
+        raise Rejected(UNREADABLE_AUDIO)  # the tar is shorter than when it was listed
+    return io.BytesIO(data)
 
 
 def check_length(frames: int, sr: int, max_seconds: float | None) -> None:
@@ -183,29 +274,100 @@ def _guarded(where: str, make: Callable[..., Record], *args: Any) -> Record:
         return Record(input=where, reject=exc.reason)
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, int, Any]]:
+def read_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of a file, gunzipped when its name ends in ``.gz``; InputError when the
+    gzip stream is corrupt or truncated."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            yield from enumerate(f, 1)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise InputError(f"{path}: unreadable gzip ({exc})") from None
+
+
+def _parse_json(raw: bytes) -> dict | Rejected:
+    """A JSON object, or Rejected: undecodable_text (not UTF-8 or not JSON), bad_record (not an object)."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return Rejected(UNDECODABLE_TEXT)
+    return obj if isinstance(obj, dict) else Rejected(BAD_RECORD)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, int, dict | Rejected]]:
     """(``file:line``, line number, parsed object or a Rejected) for each non-blank line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                obj = Rejected(UNDECODABLE_TEXT)
-            else:
-                obj = obj if isinstance(obj, dict) else Rejected(BAD_RECORD)
-            yield f"{path}:{lineno}", lineno, obj
+    for lineno, raw in read_lines(path):
+        if raw.strip():
+            yield f"{path}:{lineno}", lineno, _parse_json(raw)
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str | Rejected]]:
     """(line number, decoded line or a Rejected) for each line of a UTF-8 text file."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                yield lineno, Rejected(UNDECODABLE_TEXT)
+    for lineno, raw in read_lines(path):
+        try:
+            yield lineno, raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            yield lineno, Rejected(UNDECODABLE_TEXT)
+
+
+def _file_name(file: Path, root: Path) -> str:
+    """A file's path under ``root`` without its format suffixes: the default document name prefix."""
+    name = file.relative_to(root).as_posix()
+    for suffix in (".jsonl.gz", ".jsonl", ".txt", ".parquet"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix)
+    return name
+
+
+def _tar_samples(tar: Path) -> Iterator[tuple[str, str, dict | Rejected | None, tuple[int, int] | None, Path]]:
+    """(``tar:key``, key, parsed JSON or None, audio member's (offset, size) or None, tar) per WebDataset
+    sample, in order of first appearance; InputError when the tar itself is unreadable or cut short (tarfile
+    ends quietly at a missing header, so a member whose data runs past the file's end is the sign)."""
+    size = tar.stat().st_size
+    try:
+        with tarfile.open(tar) as tf:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            for info in tf:
+                if info.offset_data + info.size > size:
+                    raise tarfile.ReadError(f"{info.name} is cut short: a truncated file")
+                match = _WDS_MEMBER.fullmatch(info.name)
+                if info.isfile() and match:
+                    samples.setdefault(match[1], {})[match[2].lower()] = info
+            for key, members in samples.items():
+                meta = members.get("json")
+                audio = next((members[e] for e in TAR_AUDIO if e in members), None)
+                yield (f"{tar}:{key}", key, _parse_json(tf.extractfile(meta).read()) if meta else None,
+                       None if audio is None else (audio.offset_data, audio.size), tar)
+    except (tarfile.TarError, EOFError) as exc:
+        raise InputError(f"{tar}: unreadable tar ({exc})") from None
+
+
+def _parquet_rows(file: Path) -> Iterator[tuple[Any, str | None]]:
+    """(text, id or None) per row of a parquet file; InputError when it is unreadable or has no string
+    ``text`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(file)
+        types = {f.name: f.type for f in parquet.schema_arrow}
+        if not _is_string(types.get("text")):
+            found = f"is {types['text']}" if "text" in types else "is missing"
+            raise InputError(f"{file}: column 'text' {found} (columns: {', '.join(types)}); "
+                             "a string 'text' column is required")
+        columns = ["text", "id"] if _is_string(types.get("id")) else ["text"]
+        for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+            texts = batch.column("text").to_pylist()
+            ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)
+            yield from zip(texts, ids, strict=True)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{file}: unreadable parquet ({exc})") from None
+
+
+def _is_string(arrow_type: Any) -> bool:
+    import pyarrow as pa
+
+    return arrow_type is not None and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type))
 
 
 def _manifest_record(obj: dict | Rejected, where: str, lineno: int, base: Path) -> Record:
@@ -229,6 +391,57 @@ def _manifest_record(obj: dict | Rejected, where: str, lineno: int, base: Path) 
                   start=start, end=end, words=words)
 
 
+def _cut_record(obj: dict | Rejected, where: str, base: Path) -> Record:
+    obj = _ok(obj)
+    if obj.get("type", "MonoCut") != "MonoCut":
+        raise Rejected(UNSUPPORTED_CUT)
+    recording, supervisions = obj.get("recording"), obj.get("supervisions")
+    if not isinstance(recording, dict) or not isinstance(supervisions, list):
+        raise Rejected(BAD_RECORD)
+    files = recording.get("sources")
+    if (not isinstance(files, list) or len(files) != 1 or not isinstance(files[0], dict)
+            or files[0].get("type") != "file" or recording.get("transforms")):
+        raise Rejected(UNSUPPORTED_CUT)
+    source, cut_id, recording_id = files[0].get("source"), obj.get("id"), recording.get("id")
+    if not all(isinstance(v, str) and v for v in (source, cut_id, recording_id)):
+        raise Rejected(BAD_RECORD)
+    text = _text(" ".join(_supervision_text(s) for s in supervisions))
+    start, duration = _field(obj, "start", (int, float), 0.0), _field(obj, "duration", (int, float))
+    if duration is None or not _valid_range(start, start + duration):
+        raise Rejected(BAD_RANGE)
+    audio = base / source
+    if not audio.is_file():
+        raise Rejected(MISSING_FILE)
+    doc = recording_id.rsplit("/", 1)[0]
+    return Record(input=where, uid=cut_id, doc=doc, text=text, audio=str(audio), start=start, end=start + duration)
+
+
+def _supervision_text(sup: Any) -> str:
+    """LibriHeavy's book text (``custom.texts[0]``, cased and punctuated) when present, else ``text``."""
+    if not isinstance(sup, dict):
+        raise Rejected(BAD_RECORD)
+    custom = sup.get("custom")
+    texts = custom.get("texts") if isinstance(custom, dict) else None
+    value = texts[0] if isinstance(texts, list) and texts else sup.get("text")
+    if value is not None and not isinstance(value, str):
+        raise Rejected(BAD_RECORD)
+    return value or ""
+
+
+def _emilia_record(meta: dict | Rejected | None, byte_range: tuple[int, int] | None, where: str, key: str,
+                   tar: Path, n: int) -> Record:
+    if meta is None:
+        raise Rejected(BAD_RECORD)  # audio without its JSON: no transcript
+    meta = _ok(meta)
+    text = _text(meta.get("text"))
+    uid = _field(meta, "id", str) or _field(meta, "_id", str) or key
+    window = _WINDOW_ID.fullmatch(uid)
+    doc, pos = (window[1], int(window[2])) if window else (_field(meta, "speaker", str) or uid, n)
+    if byte_range is None:
+        raise Rejected(MISSING_FILE)
+    return Record(input=where, uid=uid, doc=doc, pos=pos, text=text, audio=str(tar), byte_range=byte_range)
+
+
 def _librispeech_record(line: str | Rejected, folder: Path, doc: str, lineno: int) -> Record:
     parts = _ok(line).split(maxsplit=1)
     if not parts:
@@ -243,7 +456,8 @@ def _librispeech_record(line: str | Rejected, folder: Path, doc: str, lineno: in
 def _text_record(obj: dict | Rejected, where: str, default_doc: str, lineno: int) -> Record:
     obj = _ok(obj)
     text = _text(obj.get("text"))
-    doc = _field(obj, "doc", str) or default_doc
+    row_id = obj.get("id") if isinstance(obj.get("id"), str) else None
+    doc = _field(obj, "doc", str) or row_id or default_doc
     pos = _field(obj, "pos", int, lineno)
     return Record(input=where, uid=f"{doc}\0{pos}", doc=doc, pos=pos, text=text)
 
