@@ -63,7 +63,7 @@ def test_a_selection_round_lowers_the_average_gap(assets, tmp_path):
                    check=True)
     gaps = []
     for r in (0, 1):
-        result = json.loads((tmp_path / "run" / f"round-{r}" / "eval.json").read_text())
+        result = json.loads((tmp_path / "run" / "toy" / f"round-{r}" / "eval.json").read_text())
         assert set(result["tasks"]) == set(DOMAINS) and "cascade" in result
         gaps.append(sum(t["gap"] for t in result["tasks"].values()) / len(result["tasks"]))
     assert gaps[1] < gaps[0], gaps
