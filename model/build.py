@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import json
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from model.speech_lm import SpeechLM
 from train.config import from_dict, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LoadContext = Callable[[], AbstractContextManager]   # entered around each from_pretrained of the LLM
 
 
 @dataclass
@@ -49,9 +51,10 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(cfg.llm.path)
 
 
-def load_llm(cfg: LLMConfig) -> torch.nn.Module:
-    """The causal LM from its local folder (under ZeRO-3 the caller's context partitions it on load)."""
-    return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
+def load_llm(cfg: LLMConfig, context: LoadContext = nullcontext) -> torch.nn.Module:
+    """The causal LM from its local folder, read inside ``context()`` (the trainer's partitions it as it loads)."""
+    with context():
+        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:
@@ -60,12 +63,20 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def build_speech_lm(cfg: ModelConfig) -> SpeechLM:
-    """LLM + frozen encoder + new adapter, with the LLM trained as ``cfg.llm.mode`` says."""
-    llm = load_llm(cfg.llm)
+def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext) -> SpeechLM:
+    """LLM + frozen encoder + new adapter, with the LLM trained as ``cfg.llm.mode`` says.
+
+    ``llm_context`` is entered around each load of the LLM: the student and, in ``full`` mode, the frozen teacher,
+    which is a second load of the same folder, not a copy (a partitioned model cannot be deep-copied). Under ZeRO-3
+    the trainer passes ``train.engine.llm_init``, whose context makes from_pretrained partition the weights over the
+    ranks as it reads them, so no rank ever holds a whole 7B LLM (nor its teacher). The encoder (frozen, tens of
+    millions of parameters) and the new adapter are built whole on every rank, outside that context, by the plain
+    loading path with its checks; deepspeed.initialize partitions them with the rest of the engine's module.
+    """
+    llm = load_llm(cfg.llm, llm_context)
     teacher = None
     if cfg.llm.mode == "full":
-        teacher = _frozen(copy.deepcopy(llm))
+        teacher = _frozen(load_llm(cfg.llm, llm_context))
     elif cfg.llm.mode == "lora":
         from peft import LoraConfig, get_peft_model
 

@@ -265,7 +265,7 @@ class Layout:
     text_pos: torch.Tensor         # [Nt]
     text_token: torch.Tensor       # [Nt]
     begin_pos: torch.Tensor        # [S] (rows in span_row)
-    end_pos: torch.Tensor          # [S]
+    end_pos: torch.Tensor          # [S] ([0] without end markers)
     span_row: torch.Tensor         # [S]
     vector_row: torch.Tensor       # [sum n] rows of speech vectors
     vector_pos: torch.Tensor       # [sum n]
@@ -275,13 +275,14 @@ class Layout:
     map_target: torch.Tensor       # [M] this token
 
     @staticmethod
-    def build(batch: Batch, vectors: torch.Tensor) -> Layout:
-        """``vectors[s]`` = number of adapter vectors speech span s got."""
+    def build(batch: Batch, vectors: torch.Tensor, end_marker: bool = True) -> Layout:
+        """``vectors[s]`` = number of adapter vectors speech span s got. Without ``end_marker`` a speech span is
+        ``[begin] vectors`` and its last vector predicts the text that follows."""
         kind, span = batch.unit_kind, batch.unit_span
         is_speech = kind == SPEECH
         safe_span = span.clamp(min=0)
         ones = torch.ones_like(kind)
-        s_len = torch.where(is_speech, vectors[safe_span] + 2, ones) if batch.num_speech else ones
+        s_len = torch.where(is_speech, vectors[safe_span] + 1 + end_marker, ones) if batch.num_speech else ones
         t_len = torch.where(is_speech, batch.span_token_count[safe_span], ones) if batch.num_speech else ones
         s_start, s_total = _row_starts(s_len, batch.unit_row, batch.rows)
         t_start, t_total = _row_starts(t_len, batch.unit_row, batch.rows)
@@ -303,7 +304,7 @@ class Layout:
         teacher_ids[tok_row, torch.repeat_interleave(t_start[sp_units], count) + tok_offset] = batch.span_tokens
 
         begin_pos = s_start[sp_units]
-        end_pos = begin_pos + vectors + 1
+        end_pos = begin_pos + vectors + 1 if end_marker else begin_pos[:0]
         vector_row = torch.repeat_interleave(span_row, vectors)
         vec_offset = _offsets_within(vectors)
         vector_pos = torch.repeat_interleave(begin_pos + 1, vectors) + vec_offset

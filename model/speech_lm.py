@@ -202,7 +202,7 @@ class SpeechLM(nn.Module):
         vectors, counts = self.llm_vectors(speech)
         if not batch.num_speech:
             counts, speech = batch.wave_lengths, AdapterOutput(*(t[:0] for t in speech))
-        layout = Layout.build(batch, counts)
+        layout = Layout.build(batch, counts, self.adapter.cfg.end_marker)
         rows, hidden = batch.rows, self.boundary.shape[1]
         text = embed(layout.text_token)
         out = text.new_zeros(rows, layout.student_len, hidden)
@@ -211,7 +211,8 @@ class SpeechLM(nn.Module):
             return out + (vectors.sum() + self.boundary.sum()).to(out.dtype) * 0.0, layout, speech
         out = out.index_put((layout.vector_row, layout.vector_pos), vectors.to(out.dtype))
         for row, pos in ((BEGIN, layout.begin_pos), (END, layout.end_pos)):
-            out = out.index_put((layout.span_row, pos), self.boundary[row].to(out.dtype).expand(len(counts), hidden))
+            out = out.index_put((layout.span_row[: len(pos)], pos),
+                                self.boundary[row].to(out.dtype).expand(len(pos), hidden))
         return out, layout, speech
 
     def student_embeddings(self, batch: Batch) -> tuple[torch.Tensor, Layout]:

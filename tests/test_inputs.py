@@ -20,7 +20,7 @@ def student_tokens(batch, layout):
     grid = torch.full((batch.rows, layout.student_len), -1)
     grid[layout.text_row, layout.text_pos] = layout.text_token
     grid[layout.span_row, layout.begin_pos] = -2
-    grid[layout.span_row, layout.end_pos] = -2
+    grid[layout.span_row[: len(layout.end_pos)], layout.end_pos] = -2
     grid[layout.vector_row, layout.vector_pos] = -3
     return grid
 
@@ -60,6 +60,18 @@ def test_every_mapped_pair_predicts_the_same_token(bos):
     # speech spans: begin, n vectors, end; n = 4 per second
     assert (grid == -3).sum() == 4 + 2 + 1
     assert int(layout.student_mask.sum()) == (grid != -1).sum()
+
+
+def test_without_end_markers_the_last_vector_predicts_the_next_text():
+    batch = pack(hand_docs(), vectors_for, context=64, bos_id=1)
+    vectors = torch.tensor([vectors_for(int(n)) for n in batch.wave_lengths])
+    marked, bare = Layout.build(batch, vectors), Layout.build(batch, vectors, end_marker=False)
+    assert bare.end_pos.numel() == 0 and bare.student_len == marked.student_len - 3      # one position per span
+    grid = student_tokens(batch, bare)
+    r, s, t = bare.map_row, bare.map_student, bare.map_teacher
+    assert torch.equal(grid[r, s + 1], bare.map_target) and torch.equal(t, marked.map_teacher)
+    i = bare.map_target.tolist().index(10)          # after "[begin] 4 vectors": the 4th vector predicts 10
+    assert grid[r[i], s[i]] == -3 and s[i] == bare.begin_pos[0] + 4 and bare.teacher_ids[r[i], t[i]] == 9
 
 
 def test_packing_respects_context_and_compressed_vectors():
