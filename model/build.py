@@ -52,7 +52,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def load_llm(cfg: LLMConfig, context: LoadContext = nullcontext) -> torch.nn.Module:
-    """The causal LM from its local folder, read inside ``context()`` (the trainer's partitions it as it loads)."""
+    """The causal LM from its local folder, read inside ``context()`` (the trainer's one partitions it)."""
     with context():
         return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
 
@@ -66,12 +66,13 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
 def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext) -> SpeechLM:
     """LLM + frozen encoder + new adapter, with the LLM trained as ``cfg.llm.mode`` says.
 
-    ``llm_context`` is entered around each load of the LLM: the student and, in ``full`` mode, the frozen teacher,
-    which is a second load of the same folder, not a copy (a partitioned model cannot be deep-copied). Under ZeRO-3
-    the trainer passes ``train.engine.llm_init``, whose context makes from_pretrained partition the weights over the
-    ranks as it reads them, so no rank ever holds a whole 7B LLM (nor its teacher). The encoder (frozen, tens of
-    millions of parameters) and the new adapter are built whole on every rank, outside that context, by the plain
-    loading path with its checks; deepspeed.initialize partitions them with the rest of the engine's module.
+    ``llm_context`` is entered around each load of the LLM: the student and, in ``full`` mode, the frozen
+    teacher, a second load of the same folder rather than a copy (a partitioned model cannot be deep-copied).
+    Under ZeRO-3 the trainer passes ``train.engine.llm_init``, whose context makes from_pretrained partition
+    the weights over the ranks as it reads them, so no rank ever holds a whole 7B LLM (nor its teacher).
+    The encoder (frozen, tens of millions of parameters) and the new adapter are built whole on every rank,
+    outside that context, by the plain loading path and its checks; deepspeed.initialize partitions them
+    with the rest of the engine's module.
     """
     llm = load_llm(cfg.llm, llm_context)
     teacher = None

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,7 +83,7 @@ def progress(enabled: bool):
 def train(cfg: ExperimentConfig, round_: int) -> Path:
     from model.build import build_speech_lm, load_tokenizer
     from train.data import BatchSource, check_sample_rate, heldout_batch, round_speech_sets
-    from train.engine import build_engine, init_distributed, use_bf16
+    from train.engine import build_engine, init_distributed, llm_init, use_bf16
     from train.export import export, verify_export
     from train.objective import Objective
 
@@ -97,7 +98,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    model = build_speech_lm(cfg.model)
+    model = build_speech_lm(cfg.model, llm_init(cfg.train, world))
     data = dataclasses.replace(cfg.data, speech=round_speech_sets(cfg.run.path(), cfg.data, round_))
     check_sample_rate(data.speech, model.encoder.sample_rate)
     tokenizer = load_tokenizer(cfg.model)
@@ -180,6 +181,8 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_job(job_parser("python -m train", __doc__, "0 = stage I; R >= 1 = stage II of round R"), argv)
+    # DeepSpeed's ZeRO-3 calls a deprecated torch collective on every step: one warning per call floods the log
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     train(cfg, args.round)
     if dist.is_initialized():

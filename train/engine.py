@@ -6,10 +6,13 @@ owns learning rates, batch, accumulation, clipping and precision, which are merg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -102,6 +105,38 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=cfg.lr_adapter, weight_decay=cfg.weight_decay)
     return ds
+
+
+@contextlib.contextmanager
+def _zero3_loading(ds: dict) -> Iterator[None]:
+    """transformers' ZeRO-3 integration switched on for the ``with`` block only (see ``llm_init``)."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hold = HfDeepSpeedConfig(ds)   # transformers keeps a weak reference only: this one keeps it alive
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hold
+
+
+def llm_init(cfg: TrainConfig, world: int) -> Callable[[], AbstractContextManager]:
+    """The context ``model.build.build_speech_lm`` enters around each load of the LLM (on every rank).
+
+    Under ZeRO-3 it holds a transformers ``HfDeepSpeedConfig`` of the merged DeepSpeed config. While that
+    lives, from_pretrained builds the model inside ``deepspeed.zero.Init``: each parameter is partitioned over
+    the ranks as it is created, in the config's precision (bf16 when enabled), on the accelerator or, with
+    ``offload_param``, in CPU memory. It then fills the model one module at a time: rank 0 reads the
+    checkpoint into host memory, each module's parameters are gathered, filled and partitioned again. So no
+    accelerator holds more than its partition plus one module of a 7B model. Leaving the context unsets the
+    config: later loads in the process (the export, on rank 0 alone) are plain, not collectives. Other ZeRO
+    stages load plainly.
+    """
+    ds = deepspeed_config(cfg, world)
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        return contextlib.nullcontext
+    return lambda: _zero3_loading(ds)
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
