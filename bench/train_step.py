@@ -270,7 +270,7 @@ def main() -> None:
             Path(args.out).write_text(json.dumps(result))
         return
     if torch.cuda.is_available():
-        print("GPU present: the GPU training-step benchmark is bench/gpu_train.py (a later issue); "
+        print("GPU present: the GPU training-step benchmark is bench/gpu_train.py; "
               "this CPU benchmark is skipped.")
         return
     check_config(args)
