@@ -11,7 +11,7 @@ import dataclasses
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -68,13 +68,38 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Where MPI-style launchers (deepspeed --launcher openmpi|mpich|mvapich|slurm, mpirun, srun) put a process's
+# rank, world size and local rank; torchrun and the deepspeed/pdsh launcher set RANK themselves.
+LAUNCHER_RANK_VARS = {
+    "OMPI_COMM_WORLD_RANK": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    "PMI_RANK": ("PMI_SIZE", "MPI_LOCALRANKID"),
+    "SLURM_PROCID": ("SLURM_NTASKS", "SLURM_LOCALID"),
+}
+
+
+def rank_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The RANK/WORLD_SIZE/LOCAL_RANK variables torch.distributed needs, from whichever launcher started this
+    process; a one-rank world on a free local port when none did."""
+    if "RANK" in env:
+        return {}
+    for rank_var, (size_var, local_var) in LAUNCHER_RANK_VARS.items():
+        if rank_var in env:
+            if "MASTER_ADDR" not in env:
+                raise RuntimeError(f"{rank_var} is set (an MPI/Slurm launcher) but MASTER_ADDR is not: export "
+                                   "MASTER_ADDR (the first node's address) and MASTER_PORT to every rank, e.g. "
+                                   "in .deepspeed_env (README: Scale-out)")
+            return {"RANK": env[rank_var], "WORLD_SIZE": env.get(size_var, "1"),
+                    "LOCAL_RANK": env.get(local_var, "0"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port())}
+
+
 def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group (torchrun/deepspeed), or make a one-rank group without one."""
+    """Join the launcher's process group (torchrun, deepspeed, mpirun, srun), or make a one-rank group when
+    no launcher started this process."""
     import deepspeed
 
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    os.environ.update(rank_env(os.environ))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
     if torch.cuda.is_available():
