@@ -121,7 +121,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     from rich.console import Console
 
     from selection.allocate import allocate, allocation_table, target_shares
-    from shards.build import synthesize_texts
+    from shards.build import synthesize_documents
     from shards.format import atomic_write_bytes, atomic_write_json
     from train.data import ShardSetRef, append_speech_set
     from train.dist import barrier, init_ranks
@@ -169,8 +169,9 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
         atomic_write_bytes(out / "chosen.jsonl", lines.encode())
         if sel.strategy == "active":
             plot_scores(out / "score_vs_share.png", table, sel.score)
-        shards = synthesize_texts([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
-                                  sample_rate, sel.workers, source=f"selection-round-{round_}")
+        shards = synthesize_documents([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
+                                      sample_rate, sel.workers, source=f"selection-round-{round_}",
+                                      seed=cfg.seed + round_)
         weight = sel.mix_weight or max(1e-3, budget / max(natural_seconds(cfg), 1e-9))
         append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=weight), round_)
         (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen), "budget_s": budget})

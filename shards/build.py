@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -471,8 +472,42 @@ def build_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig | None = 
 
 def synthesize_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
                      source: str = "") -> Path:
-    """Speak ``(doc id, text)`` pairs into the shard set ``out``, one segment per document."""
+    """Speak ``(doc id, text)`` pairs into the shard set ``out``, one segment per document (spoken benchmark
+    contexts, which are spoken whole)."""
     return build_texts(docs, out, tts, sr, workers, source, chunk_segments=1)
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """A text's sentences, each keeping its final punctuation."""
+    return [s.strip() for s in SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def cut_sentences(text: str, rng: np.random.Generator) -> list[str]:
+    """Each sentence of ``text`` cut in two at a random word (a prefix of >= 2 words), one segment each.
+
+    Without word timings a speech span is made of whole segments (model.inputs), so a text spoken as one
+    segment is all speech: nothing follows it to distil on. Cut sentences put speech-to-text switches inside
+    and between sentences, as in the benchmarks, where a spoken context ends mid-sentence and the answer
+    follows as text.
+    """
+    out = []
+    for sentence in sentences(text):
+        words = sentence.split()
+        k = int(rng.integers(2, len(words))) if len(words) > 2 else len(words)
+        out += [" ".join(words[:k]), " ".join(words[k:])] if k < len(words) else [sentence]
+    return out
+
+
+def synthesize_documents(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
+                         source: str = "", seed: int = 0) -> Path:
+    """Speak ``(doc id, text)`` pairs as training documents: each text cut into segments (cut_sentences), so
+    that training interleaves speech and text inside it as it does in natural speech."""
+    rng = np.random.default_rng([seed, 29])
+    segments = [(doc, segment) for doc, text in docs for segment in cut_sentences(text, rng)]
+    return build_texts(segments, out, tts, sr, workers, source, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:

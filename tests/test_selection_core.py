@@ -10,6 +10,7 @@ from selection import embed
 from selection.allocate import allocate, allocation_table, target_shares
 from selection.cluster import balanced_kmeans, cluster_summary
 from selection.embed import EmbedConfig, cache_dir_for, embed_part, embed_texts, read_pool
+from shards.build import sentences
 from shards.format import Chunk, Segment, atomic_write_json, write_shard
 from train.config import ConfigError
 
@@ -320,7 +321,9 @@ def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(t
     assert all(c["cluster"] == labels[c["index"]] and c["text"] == POOL[c["index"]] for c in chosen)
     assert seconds[expected].sum() >= 7.0 > seconds[expected[:-1]].sum()
     index = json.loads((out / "shards" / "index.json").read_text())
-    assert index["sr"] == 16000 and index["segments"] == len(chosen)    # at the natural speech's rate
+    assert index["sr"] == 16000 and index["docs"] == len(chosen)    # at the natural speech's rate
+    # every sentence of a chosen text cut in two (one segment each), so speech and text interleave inside it
+    assert index["segments"] == sum(2 if len(s.split()) > 2 else 1 for c in chosen for s in sentences(c["text"]))
     entries = yaml.safe_load((cfg.run.path() / "data.yaml").read_text())["speech"]
     assert entries == [{"path": str(out / "shards"), "weight": pytest.approx(0.07), "round": 1}]
     assert json.loads((out / DONE).read_text()) == {"strategy": "uniform", "texts": len(chosen), "budget_s": 7.0}

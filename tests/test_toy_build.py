@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from toy.build import SIZES, build, build_pool, sentences, split_segments
+from shards.build import cut_sentences, sentences
+from toy.build import SIZES, build, build_pool
 from toy.world import DOMAINS, World
 
 
@@ -13,9 +14,9 @@ def test_sentences_keep_their_full_stops():
     assert sentences("anna went home. she slept.") == ["anna went home.", "she slept."]
 
 
-def test_split_segments_cut_each_sentence_once_and_keep_every_word():
+def test_cut_sentences_cut_each_sentence_once_and_keep_every_word():
     text = "one morning eva went to the school. she took her red ball along. hi there."
-    parts = split_segments([text], np.random.default_rng(0))
+    parts = cut_sentences(text, np.random.default_rng(0))
     assert " ".join(parts) == text
     assert len(parts) == 5          # two sentences cut in two; "hi there." is too short to cut
     assert all(len(p.split()) >= 2 for p in parts[0::2][:2])

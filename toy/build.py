@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.build import build_texts
+from shards.build import build_texts, cut_sentences, sentences
 from shards.format import atomic_write_bytes, atomic_write_json
 from shards.tts import TTSConfig
 from toy.speech_encoder import SAMPLE_RATE, TRAIN_SPEEDS, TRAIN_VOICES
@@ -63,26 +63,6 @@ SIZES = {"full": Sizes(),
          "reduced": Sizes(teacher_steps=800, teacher_layers=2, teacher_hidden=96, encoder_steps=300,
                           encoder_sentences=300, encoder_random_strings=500, stories=60,
                           text_per_domain=24, heldout_per_domain=4, pool_per_domain=40, bench_items=40)}
-
-
-def sentences(story: str) -> list[str]:
-    """A story's sentences ("... . ..." -> ["...", "..."]), each keeping its full stop."""
-    return [s.strip() + "." for s in story.split(".") if s.strip()]
-
-
-def split_segments(texts: list[str], rng: np.random.Generator) -> list[str]:
-    """Each sentence of ``texts`` cut in two at a random word (a prefix of >= 2 words), one segment each.
-
-    Without word timings a speech span is made of whole segments (model.inputs); cutting sentences puts
-    speech-to-text switches inside sentences, as in the benchmarks, where a spoken context ends mid-sentence
-    and the answer follows as text.
-    """
-    out = []
-    for sentence in (s for text in texts for s in sentences(text)):
-        words = sentence.split()
-        k = int(rng.integers(2, len(words))) if len(words) > 2 else len(words)
-        out += [" ".join(words[:k]), " ".join(words[k:])] if k < len(words) else [sentence]
-    return out
 
 
 def _docs(texts: list[str], prefix: str, per_doc: int) -> list[tuple[str, str]]:
@@ -128,7 +108,7 @@ def build_encoder(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     rng = _domain_rng(world.seed, "speech", NATURAL)
     stories = world.texts(NATURAL, sizes.stories, rng)
-    docs = [(f"story-{i:05d}", s) for i, story in enumerate(stories) for s in split_segments([story], rng)]
+    docs = [(f"story-{i:05d}", s) for i, story in enumerate(stories) for s in cut_sentences(story, rng)]
     build_texts(docs, out, TTSConfig(voices=TRAIN_VOICES, speeds=TRAIN_SPEEDS), SAMPLE_RATE, workers,
                 source="toy-narrative")
 
@@ -144,7 +124,7 @@ def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     for d in DOMAINS:
         rng = _domain_rng(world.seed, "heldout", d)
         texts = world.texts(d, sizes.heldout_per_domain, rng)
-        docs += [(f"{d}-{i // 4:05d}", s) for i, text in enumerate(texts) for s in split_segments([text], rng)]
+        docs += [(f"{d}-{i // 4:05d}", s) for i, text in enumerate(texts) for s in cut_sentences(text, rng)]
     build_texts(docs, out, TTSConfig(voices=UNSEEN_VOICES), SAMPLE_RATE, workers, source="toy-heldout")
 
 
