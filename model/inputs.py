@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ class Span:
 @dataclass
 class Document:
     spans: list[Span]
+    key: str = ""                   # the chunk's key (finds its cached teacher targets)
 
     def lengths(self, vectors_for: Callable[[int], int], bos: bool) -> tuple[int, int]:
         """(student, teacher) lengths, given the number of adapter vectors for n audio samples."""
@@ -130,14 +132,14 @@ def interleave(chunk: Chunk, tokenizer, cfg: InputsConfig, rng: np.random.Genera
             continue
         audio = np.concatenate([a[lo:hi] for a, lo, hi in ranges]).astype(np.float32) if ranges else None
         out.append(Span(kind, ids, audio))
-    return Document(out)
+    return Document(out, chunk.key)
 
 
 def text_document(chunk: Chunk, tokenizer) -> Document:
     """All segments as one text span (anti-forgetting text batches, text-mode evaluation)."""
     text = " ".join(seg.text.strip() for seg in chunk.segments if seg.text.strip())
     ids = _tokenize(tokenizer, text, first=True)
-    return Document([Span(TEXT, ids)] if ids else [])
+    return Document([Span(TEXT, ids)] if ids else [], chunk.key)
 
 
 @dataclass
@@ -145,7 +147,8 @@ class Batch:
     """Documents packed into rows, as flat per-unit tensors (a unit = one text token or one speech span).
 
     Units are ordered by row, then by position. ``unit_target`` marks text units that are predicted
-    (every text unit of a document but its first one).
+    (every text unit of a document but its first one). Documents are in the same order; ``teacher`` holds
+    what the data side attached for them (``train.teacher_cache.CachedTargets``), or None.
     """
 
     unit_row: torch.Tensor       # [U] long
@@ -158,13 +161,17 @@ class Batch:
     waves: torch.Tensor          # [S, T] float32, zero padded
     wave_lengths: torch.Tensor   # [S] long
     rows: int
+    doc_row: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [D] long
+    doc_len: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [D] tokens
+    doc_keys: list[str] = field(default_factory=list)   # [D] chunk keys
+    teacher: Any = None
 
     @property
     def num_speech(self) -> int:
         return int(self.wave_lengths.numel())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
+        return Batch(**{k: v.to(device) if hasattr(v, "to") else v for k, v in vars(self).items()})
 
 
 def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: int,
@@ -193,8 +200,11 @@ def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: i
     unit_row, unit_kind, unit_token, unit_span, unit_target = [], [], [], [], []
     span_tokens: list[int] = []
     span_count, waves = [], []
+    doc_row, doc_len = [], []
     for r, row_docs in enumerate(rows):
         for doc in row_docs:
+            doc_row.append(r)
+            doc_len.append(doc.lengths(vectors_for, bos_id is not None)[1])
             first = True
             if bos_id is not None:
                 unit_row.append(r), unit_kind.append(TEXT), unit_token.append(bos_id)
@@ -224,7 +234,9 @@ def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: i
         unit_token=torch.tensor(unit_token, dtype=long), unit_span=torch.tensor(unit_span, dtype=long),
         unit_target=torch.tensor(unit_target, dtype=torch.bool),
         span_tokens=torch.tensor(span_tokens, dtype=long), span_token_count=torch.tensor(span_count, dtype=long),
-        waves=wave_tensor, wave_lengths=torch.tensor([len(w) for w in waves], dtype=long), rows=len(rows))
+        waves=wave_tensor, wave_lengths=torch.tensor([len(w) for w in waves], dtype=long), rows=len(rows),
+        doc_row=torch.tensor(doc_row, dtype=long), doc_len=torch.tensor(doc_len, dtype=long),
+        doc_keys=[doc.key for row_docs in rows for doc in row_docs])
 
 
 def _truncate(doc: Document, vectors_for: Callable[[int], int], context: int, bos: bool) -> Document:
@@ -234,7 +246,7 @@ def _truncate(doc: Document, vectors_for: Callable[[int], int], context: int, bo
         if max(candidate.lengths(vectors_for, bos)) > context:
             break
         spans.append(span)
-    return Document(spans)
+    return Document(spans, doc.key)
 
 
 def _row_starts(lengths: torch.Tensor, unit_row: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +262,20 @@ def _offsets_within(counts: torch.Tensor) -> torch.Tensor:
     """[0..c0-1, 0..c1-1, ...]: the index of each element within its group."""
     starts = torch.cumsum(counts, 0) - counts
     return torch.arange(int(counts.sum()), device=counts.device) - torch.repeat_interleave(starts, counts)
+
+
+def document_positions(batch: Batch, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every position of the teacher layout ([rows, length]): its document (index into the batch's
+    documents, -1 at padding) and its position within that document (padding: its column). The teacher
+    layout holds each document's tokens contiguously, documents in order, as ``Layout.build`` places them."""
+    device = batch.doc_len.device
+    starts, _ = _row_starts(batch.doc_len, batch.doc_row, batch.rows)
+    token_doc = torch.repeat_interleave(torch.arange(batch.doc_len.numel(), device=device), batch.doc_len)
+    within = _offsets_within(batch.doc_len)
+    row, col = batch.doc_row[token_doc], starts[token_doc] + within
+    doc = torch.full((batch.rows, length), -1, dtype=torch.long, device=device)
+    pos = torch.arange(length, device=device).repeat(batch.rows, 1)
+    return doc.index_put_((row, col), token_doc), pos.index_put_((row, col), within)
 
 
 @dataclass

@@ -86,6 +86,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     from train.engine import build_engine, init_distributed, llm_init, use_bf16
     from train.export import export, verify_export
     from train.objective import Objective
+    from train.teacher_cache import open_cache
 
     rank, world = init_distributed()
     out = round_dir(cfg, round_)
@@ -113,8 +114,9 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     metrics = out / "metrics.jsonl"
     if rank == 0:
         trim_metrics(metrics, step)
+    teacher_cache = open_cache(cfg, [r.path for r in data.speech + data.text], tokenizer)
     source = BatchSource(data, cfg.inputs, cfg.stream, tokenizer, model.vectors_for, cfg.seed + round_, rank, world,
-                         consumed)
+                         consumed, teacher_cache)
     heldout = None
     if schedule.diagnostics_every and cfg.eval.heldout:
         heldout = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, model.vectors_for,
@@ -132,7 +134,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             save_pre_decay()
             started = time.perf_counter()
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
-            totals = torch.zeros(6)   # loss, kl, nll, ctc, target tokens, audio seconds
+            totals = torch.zeros(7)   # loss, kl, nll, ctc, target tokens, audio seconds, cached teacher
             for micro in range(schedule.grad_accum):
                 batch, _ = source.next(step, micro)
                 batch = batch.to(engine.device)
@@ -141,7 +143,8 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
                 engine.step()
                 audio_s = float(batch.wave_lengths.sum()) / model.encoder.sample_rate
                 totals += torch.tensor([out_["loss"].item(), out_["kl"].item(), out_["nll"].item(),
-                                        out_["ctc"].item(), out_["tokens"].item(), audio_s])
+                                        out_["ctc"].item(), out_["tokens"].item(), audio_s,
+                                        out_["cached"].item()])
             step += 1
             dist.all_reduce(totals)
             elapsed = time.perf_counter() - started
@@ -149,6 +152,8 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             record = {"step": step, "loss": totals[0].item() / n, "kl": totals[1].item() / n,
                       "nll": totals[2].item() / n, "ctc": totals[3].item() / n, "lr": engine.get_lr()[0],
                       "tokens_per_s": totals[4].item() / elapsed, "audio_s_per_s": totals[5].item() / elapsed}
+            if teacher_cache is not None:   # share of micro-batches that used cached teacher targets
+                record["teacher_cached"] = totals[6].item() / n
             if heldout is not None and step % schedule.diagnostics_every == 0:
                 sums = engine.module.diagnostics(heldout)   # collective under ZeRO-3: every rank runs it
                 dist.all_reduce(sums)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -18,6 +19,9 @@ from model.inputs import Batch, InputsConfig, interleave, pack, text_document
 from shards.format import Chunk, atomic_write_bytes, read_index
 from shards.stream import ShardStream, StreamConfig, stream_loader
 from train.config import from_dict, require
+
+if TYPE_CHECKING:
+    from train.teacher_cache import TeacherCache
 
 
 @dataclass
@@ -52,13 +56,17 @@ def check_sample_rate(refs: list[ShardSetRef], sample_rate: int) -> None:
 
 
 class BatchSource:
-    """Yields (Batch, is_text) micro-batches for one rank; ``state()`` is what a checkpoint stores."""
+    """Yields (Batch, is_text) micro-batches for one rank; ``state()`` is what a checkpoint stores.
+
+    With a ``teacher_cache``, a batch carries its documents' cached teacher targets (``Batch.teacher``) when
+    the cache has all of them."""
 
     def __init__(self, cfg: DataConfig, inputs: InputsConfig, stream_cfg: StreamConfig, tokenizer,
                  vectors_for: Callable[[int], int], seed: int, rank: int, world: int,
-                 consumed: dict[str, int] | None = None) -> None:
+                 consumed: dict[str, int] | None = None, teacher_cache: TeacherCache | None = None) -> None:
         require(bool(cfg.speech), "data.speech", "at least one speech shard set is needed")
         self.cfg, self.inputs, self.tokenizer, self.vectors_for = cfg, inputs, tokenizer, vectors_for
+        self.teacher_cache = teacher_cache
         self.seed, self.rank = seed, rank
         self.consumed = {"speech": 0, "text": 0, **(consumed or {})}
         self._iters: dict[str, Iterator[Chunk]] = {}
@@ -84,7 +92,10 @@ class BatchSource:
             docs = [text_document(c, self.tokenizer) for c in chunks]
         else:
             docs = [interleave(c, self.tokenizer, self.inputs, rng) for c in chunks]
-        return pack(docs, self.vectors_for, self.inputs.context, self.tokenizer.bos_token_id), is_text
+        batch = pack(docs, self.vectors_for, self.inputs.context, self.tokenizer.bos_token_id)
+        if self.teacher_cache is not None:
+            batch.teacher = self.teacher_cache.targets(docs, batch, self.tokenizer.bos_token_id)
+        return batch, is_text
 
 
 def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors_for: Callable[[int], int],

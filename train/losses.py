@@ -297,3 +297,100 @@ def forgetting(teacher_text_hidden: Tensor, student_text_hidden: Tensor, teacher
     """F = mean over text positions of KL(teacher(. | text) || student(. | text)), at T = 1."""
     return chunked_kl(teacher_text_hidden, student_text_hidden, teacher_head, student_head, 1.0, chunk_size,
                       reduction, sync_ranks=sync_ranks)
+
+
+# ---- cached teacher targets: the teacher's top-k log-probabilities and the mass of the rest -------------
+@torch.no_grad()
+def topk_log_probs(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """A distribution cut to its ``k`` most likely tokens plus one bin for all others.
+
+    Returns ids [n, k] (long), their log-probabilities [n, k] and the log of the remaining mass [n] (float32;
+    -inf when k is the whole vocabulary). The rest is a log-sum-exp over the other tokens, not log(1 - sum p),
+    which would cancel to noise when the top k hold almost all the mass."""
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k: must be in [1, vocabulary size {logits.shape[-1]}], got {k}")
+    logp = _log_probs(logits, temperature)
+    top, ids = logp.topk(k, dim=-1)
+    return ids, top, logp.scatter_(-1, ids, float("-inf")).logsumexp(-1)
+
+
+class _TopKKLFromLogits(torch.autograd.Function):
+    """Per-row KL of a cached top-k teacher against the student, over the k tokens and the rest bin:
+
+        sum_i p_i (log p_i - log q_i) + p_r (log p_r - log q_r),   q_r = 1 - sum_i q_i
+
+    with log q_r a log-sum-exp over the student's other logits. With k = V it is the exact KL; for k < V it
+    is the KL of the two distributions coarsened to k + 1 bins, a lower bound of the exact one. Like
+    ``_KLFromLogits`` it keeps only the student's logits for backward, where the gradient is
+
+        d KL / d s_v = (P q_v - p_v) / T  for v in the top k,   (P q_v - p_r q_v / q_r) / T  otherwise,
+
+    P = sum_i p_i + p_r (1 up to the cache's rounding; used as stored, so the gradient is the forward's).
+    """
+
+    @staticmethod
+    def forward(ctx, q_logits: Tensor, ids: Tensor, logp: Tensor, rest: Tensor, temperature: float) -> Tensor:
+        logq = _log_probs(q_logits, temperature)
+        logp, rest = logp.to(logq.dtype), rest.to(logq.dtype)
+        logq_k = logq.gather(-1, ids)
+        logq_r = logq.scatter_(-1, ids, float("-inf")).logsumexp(-1)
+        p = logp.exp()
+        has_rest = torch.isfinite(rest)
+        rest_term = torch.where(has_rest, rest.exp() * (rest - torch.where(has_rest, logq_r, 0.0)), 0.0)
+        ctx.save_for_backward(q_logits, ids, p, rest, logq_r)
+        ctx.temperature = temperature
+        return torch.where(p > 0, p * (logp - logq_k), 0.0).sum(-1) + rest_term
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+        q_logits, ids, p, rest, logq_r = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        logq = _log_probs(q_logits, ctx.temperature)
+        has_rest = torch.isfinite(rest)
+        total = p.sum(-1) + torch.where(has_rest, rest.exp(), 0.0)
+        out = logq.exp().mul_(total.unsqueeze(-1))
+        # p_r q_v / q_r for the other tokens, as exp(log q_v + log p_r - log q_r) <= p_r: no overflow
+        ratio = torch.where(has_rest, rest - logq_r, float("-inf")).unsqueeze(-1)
+        out.sub_(logq.scatter_(-1, ids, float("-inf")).add_(ratio).exp_())
+        out.scatter_add_(-1, ids, -p)
+        return out.mul_(grad.unsqueeze(-1) / ctx.temperature).to(q_logits.dtype), None, None, None, None
+
+
+def _topk_kl_rows(hidden: Tensor, ids: Tensor, logp: Tensor, rest: Tensor, head: Head,
+                  temperature: float) -> Tensor:
+    return _TopKKLFromLogits.apply(head(hidden), ids.long(), logp, rest, temperature)
+
+
+def topk_distillation_loss(student_hidden: Tensor, student_head: Head, topk_ids: Tensor, topk_logp: Tensor,
+                           rest_logp: Tensor, temperature: float = 1.0, chunk_size: int = 1024, *,
+                           reduction: str = "mean", weights: Tensor | None = None, scale_t2: bool = True,
+                           sync_ranks: bool = False) -> Tensor:
+    """``distillation_loss`` against cached teacher targets instead of a teacher head.
+
+    ``student_hidden`` [N, H]; ``topk_ids`` / ``topk_logp`` [N, k] and ``rest_logp`` [N] as ``topk_log_probs``
+    returns them for the teacher at ``temperature`` (the cache stores them at the run's temperature). The
+    student head runs chunked and checkpointed as in ``chunked_kl`` (same ZeRO-3 contract, ``sync_ranks``);
+    the targets get no gradient. Reductions as in ``chunked_kl``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    rows = _rows(student_hidden, "student_hidden")
+    if topk_ids.shape != topk_logp.shape or topk_ids.shape[:-1] != student_hidden.shape[:-1] \
+            or rest_logp.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)}, topk_logp {tuple(topk_logp.shape)} and "
+                         f"rest_logp {tuple(rest_logp.shape)} must be [positions, k], [positions, k] and "
+                         f"[positions] for student_hidden {tuple(student_hidden.shape)}")
+    if weights is not None and weights.shape != student_hidden.shape[:-1]:
+        raise ValueError(f"weights: shape {tuple(weights.shape)} must equal the positions' shape "
+                         f"{tuple(student_hidden.shape[:-1])}")
+    k = topk_ids.shape[-1]
+    targets = (topk_ids.reshape(-1, k), topk_logp.detach().reshape(-1, k), rest_logp.detach().reshape(-1))
+    fn = partial(_topk_kl_rows, head=student_head, temperature=temperature)
+    kl = _chunked_rows(fn, (rows, *targets), chunk_size, sync_ranks)
+    if scale_t2 and temperature != 1.0:
+        kl = kl * temperature**2
+    out = _reduce(kl, reduction, weights.reshape(-1) if weights is not None else None)
+    return out.reshape(student_hidden.shape[:-1]) if reduction == "none" else out

@@ -3,19 +3,34 @@
 Student on the interleaved layout, teacher on the all-text layout, losses at the aligned positions
 (``model.inputs.Layout``): L = alpha * KL(teacher || student) + (1 - alpha) * NLL + ctc_weight * CTC, where
 CTC is the optional alignment of the adapter outputs to the LLM's token embeddings (``losses.ctc_alignment_loss``).
+
+The teacher reads each packed row whole (``teacher_context: row``: a document's targets see the documents
+packed before it) or each document alone (``document``: positions restart per document, attention stays
+inside it). With ``document``, cached top-k targets (``train.teacher_cache``) replace the teacher's forward
+pass for batches that carry them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, distributed, nn
 
-from model.inputs import Batch
+from model.inputs import Batch, Layout, document_positions
 from model.speech_lm import SpeechLM
 from train.config import require
-from train.losses import chunked_kl, combine, ctc_alignment_loss, distillation_loss, forgetting, misalignment, nll_loss
+from train.losses import (
+    chunked_kl,
+    combine,
+    ctc_alignment_loss,
+    distillation_loss,
+    forgetting,
+    misalignment,
+    nll_loss,
+    topk_distillation_loss,
+)
 
 
 @dataclass
@@ -24,12 +39,19 @@ class LossConfig:
     temperature: float = 1.0
     chunk_size: int = 1024      # positions projected to the vocabulary at once
     ctc_weight: float = 0.0     # CTC of adapter outputs vs the LLM's token embeddings; 0 (off) in the paper's setup
+    # What the teacher reads before a token: its packed row, or its own document only (what a cache holds).
+    teacher_context: Literal["row", "document"] = "row"
+    # Cached top-k teacher targets (python -m train.teacher_cache), with teacher_context: document: used when
+    # present, never, or an error when missing.
+    teacher_cache: Literal["auto", "off", "required"] = "auto"
 
     def __post_init__(self) -> None:
         require(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
         require(self.temperature > 0, "temperature", "must be > 0")
         require(self.chunk_size >= 1, "chunk_size", "must be >= 1")
         require(self.ctc_weight >= 0, "ctc_weight", f"must be >= 0, got {self.ctc_weight}")
+        require(self.teacher_cache != "required" or self.teacher_context == "document", "teacher_cache",
+                "'required' needs teacher_context: document (the cache holds each document read alone)")
 
 
 class Objective(nn.Module):
@@ -43,14 +65,50 @@ class Objective(nn.Module):
         with self.model.teacher_mode():
             return self.model.teacher_head(hidden)
 
+    def teacher_hidden(self, batch: Batch, layout: Layout) -> Tensor:
+        """The live teacher's last hidden states on the all-text layout, per ``teacher_context``."""
+        if self.cfg.teacher_context == "row":
+            return self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
+        # No attention mask and positions that restart: transformers then keeps attention inside each
+        # document (its packed-sequence path); padding follows the documents, so causal attention ignores it.
+        _, positions = document_positions(batch, layout.teacher_len)
+        with self.model.teacher_mode():
+            return self.model._decoder(teacher=True)(input_ids=layout.teacher_ids, position_ids=positions,
+                                                     use_cache=False).last_hidden_state
+
+    def cached_targets(self, batch: Batch, layout: Layout) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Top-k ids, log-probs and rest log-mass at the aligned positions from the batch's cached targets,
+        or None (live teacher). Every rank takes the same branch: the live teacher's forward is a collective
+        under ZeRO-3, so one rank without targets sends them all to the live teacher."""
+        cfg = self.cfg
+        if cfg.teacher_cache == "off" or cfg.teacher_context != "document":
+            return None
+        targets = batch.teacher
+        usable = torch.tensor(float(targets is not None), device=layout.teacher_ids.device)
+        if self.distributed and distributed.is_initialized():
+            distributed.all_reduce(usable, op=distributed.ReduceOp.MIN)
+        if not usable:
+            return None
+        doc, pos = document_positions(batch, layout.teacher_len)
+        valid = layout.teacher_mask
+        if not torch.equal(targets.ids[doc[valid], pos[valid]], layout.teacher_ids[valid]):
+            raise RuntimeError(f"cached teacher targets of {batch.doc_keys} do not line up with the batch")
+        doc, pos = doc[layout.map_row, layout.map_teacher], pos[layout.map_row, layout.map_teacher]
+        return targets.topk_ids[doc, pos], targets.topk_logp[doc, pos], targets.rest_logp[doc, pos]
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         hidden, layout, speech = self.model(batch, with_speech=True)
-        teacher = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
         student_at = hidden[layout.map_row, layout.map_student]
-        teacher_at = teacher[layout.map_row, layout.map_teacher]
+        cached = self.cached_targets(batch, layout)
+        if cached is None:
+            teacher = self.teacher_hidden(batch, layout)
+            teacher_at = teacher[layout.map_row, layout.map_teacher]
         dist = nll = None
-        if cfg.alpha > 0:
+        if cfg.alpha > 0 and cached is not None:
+            dist = topk_distillation_loss(student_at, self.model.student_head, *cached, cfg.temperature,
+                                          cfg.chunk_size, sync_ranks=self.distributed)
+        elif cfg.alpha > 0:
             dist = distillation_loss(student_at, teacher_at, self.model.student_head, self.teacher_head,
                                      cfg.temperature, cfg.chunk_size, sync_ranks=self.distributed)
         if cfg.alpha < 1:
@@ -68,7 +126,8 @@ class Objective(nn.Module):
         zero = loss.detach() * 0
         return {"loss": loss, "kl": dist.detach() if dist is not None else zero,
                 "nll": nll.detach() if nll is not None else zero, "ctc": ctc.detach() if ctc is not None else zero,
-                "tokens": torch.tensor(float(layout.map_row.numel()), device=loss.device)}
+                "tokens": torch.tensor(float(layout.map_row.numel()), device=loss.device),
+                "cached": torch.tensor(float(cached is not None), device=loss.device)}
 
     @torch.no_grad()
     def diagnostics(self, batch: Batch) -> torch.Tensor:
