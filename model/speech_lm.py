@@ -231,9 +231,15 @@ class SpeechLM(nn.Module):
         out = self._decoder(teacher=False)(inputs_embeds=embeds, attention_mask=layout.student_mask.long())
         return (out.last_hidden_state, layout, speech) if with_speech else (out.last_hidden_state, layout)
 
-    def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor, teacher: bool) -> torch.Tensor:
-        """Last hidden states on an all-text layout, as the teacher (no grad) or as the student."""
+    def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor | None, teacher: bool,
+                    position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Last hidden states on an all-text layout, as the teacher (no grad) or as the student. With
+        ``position_ids`` that restart and no ``mask``, transformers keeps attention inside each packed document."""
+        def run() -> torch.Tensor:
+            return self._decoder(teacher)(input_ids=ids, attention_mask=None if mask is None else mask.long(),
+                                          position_ids=position_ids, use_cache=False).last_hidden_state
+
         if teacher:
             with self.teacher_mode():
-                return self._decoder(teacher=True)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        return self._decoder(teacher=False)(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+                return run()
+        return run()

@@ -72,9 +72,7 @@ class Objective(nn.Module):
         # No attention mask and positions that restart: transformers then keeps attention inside each
         # document (its packed-sequence path); padding follows the documents, so causal attention ignores it.
         _, positions = document_positions(batch, layout.teacher_len)
-        with self.model.teacher_mode():
-            return self.model._decoder(teacher=True)(input_ids=layout.teacher_ids, position_ids=positions,
-                                                     use_cache=False).last_hidden_state
+        return self.model.text_hidden(layout.teacher_ids, None, teacher=True, position_ids=positions)
 
     def cached_targets(self, batch: Batch, layout: Layout) -> tuple[Tensor, Tensor, Tensor] | None:
         """Top-k ids, log-probs and rest log-mass at the aligned positions from the batch's cached targets,
