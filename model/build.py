@@ -63,7 +63,7 @@ def _frozen(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext) -> SpeechLM:
+def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext, with_teacher: bool = True) -> SpeechLM:
     """LLM + frozen encoder + new adapter, with the LLM trained as ``cfg.llm.mode`` says.
 
     ``llm_context`` is entered around each load of the LLM: the student and, in ``full`` mode, the frozen
@@ -72,11 +72,12 @@ def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext) ->
     the weights over the ranks as it reads them, so no rank ever holds a whole 7B LLM (nor its teacher).
     The encoder (frozen, tens of millions of parameters) and the new adapter are built whole on every rank,
     outside that context, by the plain loading path and its checks; deepspeed.initialize partitions them
-    with the rest of the engine's module.
+    with the rest of the engine's module. ``with_teacher=False`` skips ``full`` mode's teacher where nothing
+    reads it (the export: a second fp32 copy of a 7B LLM is 28 GB).
     """
     llm = load_llm(cfg.llm, llm_context)
     teacher = None
-    if cfg.llm.mode == "full":
+    if cfg.llm.mode == "full" and with_teacher:
         teacher = _frozen(load_llm(cfg.llm, llm_context))
     elif cfg.llm.mode == "lora":
         from peft import LoraConfig, get_peft_model

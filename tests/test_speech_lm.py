@@ -70,3 +70,12 @@ def test_text_only_batch_still_touches_the_adapter(lora_model):
     embeds.sum().backward()
     grads = [p.grad for p in lora_model.adapter.parameters()]
     assert all(g is not None and float(g.abs().sum()) == 0.0 for g in grads)
+
+
+def test_full_mode_loads_its_frozen_teacher_only_when_asked(tiny_dir):
+    cfg = ModelConfig(llm=LLMConfig(path=str(tiny_dir), mode="full"), encoder=EncoderConfig(kind="mel"),
+                      adapter=AdapterConfig(stack=4, layers=1, width=32, mlp=64, heads=2, kv_heads=1))
+    trained = build_speech_lm(cfg)
+    assert trained.teacher is not None and not any(p.requires_grad for p in trained.teacher.parameters())
+    exported = build_speech_lm(cfg, with_teacher=False)   # what train.export builds
+    assert exported.teacher is None and all(p.requires_grad for p in exported.llm.parameters())

@@ -37,7 +37,7 @@ def export(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
     """Rebuild the model on CPU in fp32, load the trained weights, merge LoRA, write ``out`` atomically."""
     model_cfg = dataclasses.replace(cfg.model, llm=dataclasses.replace(cfg.model.llm, dtype="float32"),
                                     gradient_checkpointing=False)
-    model = build_speech_lm(model_cfg)
+    model = build_speech_lm(model_cfg, with_teacher=False)   # the export holds the student only
     missing_trained = model.load_state_dict(trained_state(ckpt_dir, tag), strict=False).unexpected_keys
     if missing_trained:
         raise KeyError(f"{ckpt_dir}/{tag}: checkpoint has parameters the model lacks: {missing_trained[:5]}")
