@@ -77,8 +77,8 @@ def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext, wi
     """
     llm = load_llm(cfg.llm, llm_context)
     teacher = None
-    if cfg.llm.mode == "full" and with_teacher:
-        teacher = _frozen(load_llm(cfg.llm, llm_context))
+    if cfg.llm.mode == "full":
+        teacher = _frozen(load_llm(cfg.llm, llm_context)) if with_teacher else None
     elif cfg.llm.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
