@@ -189,3 +189,19 @@ def test_full_mode_with_partitioned_teacher_trains_on_two_ranks(two_ranks):
 
 if __name__ == "__main__":
     worker(*sys.argv[1:3])
+
+
+@pytest.mark.slow
+def test_cpu_offload_variant_trains_and_exports(tmp_path):
+    """ds_configs/zero3_offload.json (parameters and Adam states in CPU memory, DeepSpeed's CPU Adam) through
+    the same `python -m train` path: it trains, and the export reproduces the trained model's logits."""
+    subprocess.run([sys.executable, "-m", "toy.smoke"], cwd=REPO, env=env(), check=True)   # reused if built
+    subprocess.run([sys.executable, "-m", "train", "--config", "configs/smoke.yaml",
+                    "train.ds_config=ds_configs/zero3_offload.json", "train.max_steps=3", "train.save_every=3",
+                    "train.diagnostics_every=0", f"run.dir={tmp_path}"], cwd=REPO, env=env(), check=True,
+                   timeout=900)
+    out = tmp_path / "smoke" / "round-0"
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[0] > 0
+    assert json.loads((out / "config.json").read_text())["train"]["ds_config"] == "ds_configs/zero3_offload.json"
+    assert json.loads((out / "DONE").read_text())["export_max_logit_diff"] < 1e-4
