@@ -135,6 +135,24 @@ def _rows(hidden: Tensor, name: str) -> Tensor:
     return hidden.reshape(-1, hidden.shape[-1])
 
 
+def _check_kl_args(reduction: str, temperature: float, weights: Tensor | None, positions: torch.Size) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    if weights is not None and weights.shape != positions:
+        raise ValueError(f"weights: shape {tuple(weights.shape)} must equal the positions' shape {tuple(positions)}")
+
+
+def _finish_kl(kl: Tensor, temperature: float, scale_t2: bool, reduction: str, weights: Tensor | None,
+               positions: torch.Size) -> Tensor:
+    """Per-row KL -> T^2-scaled (Hinton et al.) and reduced over positions, shaped like them for "none"."""
+    if scale_t2 and temperature != 1.0:
+        kl = kl * temperature**2
+    out = _reduce(kl, reduction, weights.reshape(-1) if weights is not None else None)
+    return out.reshape(positions) if reduction == "none" else out
+
+
 def chunked_kl(p_hidden: Tensor, q_hidden: Tensor, p_head: Head, q_head: Head, temperature: float = 1.0,
                chunk_size: int = 1024, reduction: str = "mean", weights: Tensor | None = None, *,
                scale_t2: bool = True, detach_p: bool = False, sync_ranks: bool = False) -> Tensor:
@@ -148,26 +166,15 @@ def chunked_kl(p_hidden: Tensor, q_hidden: Tensor, p_head: Head, q_head: Head, t
     ``weights`` when given: sum(w * kl) / sum(w)), "sum" (of w * kl), or "none" (per position, shaped
     like the leading dims, unweighted).
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    _check_kl_args(reduction, temperature, weights, q_hidden.shape[:-1])
     if p_hidden.shape[:-1] != q_hidden.shape[:-1]:
         raise ValueError(f"p_hidden {tuple(p_hidden.shape)} and q_hidden {tuple(q_hidden.shape)}: "
                          "leading (position) dims differ")
-    if weights is not None and weights.shape != q_hidden.shape[:-1]:
-        raise ValueError(f"weights: shape {tuple(weights.shape)} must equal the positions' shape "
-                         f"{tuple(q_hidden.shape[:-1])}")
     fn = partial(_kl_rows, p_head=p_head, q_head=q_head, temperature=temperature, detach_p=detach_p)
     if detach_p:
         p_hidden = p_hidden.detach()
     kl = _chunked_rows(fn, (_rows(p_hidden, "p_hidden"), _rows(q_hidden, "q_hidden")), chunk_size, sync_ranks)
-    if scale_t2 and temperature != 1.0:
-        kl = kl * temperature**2
-    if weights is not None:
-        weights = weights.reshape(-1)
-    out = _reduce(kl, reduction, weights)
-    return out.reshape(q_hidden.shape[:-1]) if reduction == "none" else out
+    return _finish_kl(kl, temperature, scale_t2, reduction, weights, q_hidden.shape[:-1])
 
 
 def distillation_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_head: Head, teacher_head: Head,
@@ -373,24 +380,15 @@ def topk_distillation_loss(student_hidden: Tensor, student_head: Head, topk_ids:
     student head runs chunked and checkpointed as in ``chunked_kl`` (same ZeRO-3 contract, ``sync_ranks``);
     the targets get no gradient. Reductions as in ``chunked_kl``.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: must be one of {REDUCTIONS}, got {reduction!r}")
-    if not temperature > 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
+    _check_kl_args(reduction, temperature, weights, student_hidden.shape[:-1])
     rows = _rows(student_hidden, "student_hidden")
     if topk_ids.shape != topk_logp.shape or topk_ids.shape[:-1] != student_hidden.shape[:-1] \
             or rest_logp.shape != student_hidden.shape[:-1]:
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)}, topk_logp {tuple(topk_logp.shape)} and "
                          f"rest_logp {tuple(rest_logp.shape)} must be [positions, k], [positions, k] and "
                          f"[positions] for student_hidden {tuple(student_hidden.shape)}")
-    if weights is not None and weights.shape != student_hidden.shape[:-1]:
-        raise ValueError(f"weights: shape {tuple(weights.shape)} must equal the positions' shape "
-                         f"{tuple(student_hidden.shape[:-1])}")
     k = topk_ids.shape[-1]
     targets = (topk_ids.reshape(-1, k), topk_logp.detach().reshape(-1, k), rest_logp.detach().reshape(-1))
     fn = partial(_topk_kl_rows, head=student_head, temperature=temperature)
     kl = _chunked_rows(fn, (rows, *targets), chunk_size, sync_ranks)
-    if scale_t2 and temperature != 1.0:
-        kl = kl * temperature**2
-    out = _reduce(kl, reduction, weights.reshape(-1) if weights is not None else None)
-    return out.reshape(student_hidden.shape[:-1]) if reduction == "none" else out
+    return _finish_kl(kl, temperature, scale_t2, reduction, weights, student_hidden.shape[:-1])
