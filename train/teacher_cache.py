@@ -336,9 +336,10 @@ class TeacherCache:
             f = _open(str(self.files[file]))
             t0, t1 = f.get_slice("token_offsets")[j: j + 2].tolist()
             r0, r1 = f.get_slice("row_offsets")[j: j + 2].tolist()
-            if t1 - t0 >= len(ids) and f.get_slice("ids")[t0: t0 + len(ids)].tolist() == ids:
-                return (f.get_slice("ids")[t0:t1].long(), f.get_slice("topk_ids")[r0:r1],
-                        f.get_slice("topk_logp")[r0:r1], f.get_slice("rest_logp")[r0:r1])
+            cached = f.get_slice("ids")[t0:t1]   # read once: checked, then returned
+            if t1 - t0 >= len(ids) and cached[: len(ids)].tolist() == ids:
+                return (cached.long(), f.get_slice("topk_ids")[r0:r1], f.get_slice("topk_logp")[r0:r1],
+                        f.get_slice("rest_logp")[r0:r1])
         return None
 
     def targets(self, docs: Sequence[Document], batch: Batch, bos_id: int | None) -> CachedTargets | None:
