@@ -109,9 +109,9 @@ def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int
     from train.data import heldout_batch
     from train.objective import Objective
 
-    batch = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, student.vectors_for,
-                          cfg.seed, rank, world)
-    totals = Objective(student, cfg.loss).diagnostics(batch.to(student.boundary.device))
+    batch, weight = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer,
+                                  student.vectors_for, cfg.seed, rank, world)
+    totals = Objective(student, cfg.loss).diagnostics(batch.to(student.boundary.device)) * weight
     all_reduce(totals)
     return {"M": float(totals[0] / totals[1].clamp(min=1)), "F": float(totals[2] / totals[3].clamp(min=1))}
 

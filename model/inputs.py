@@ -176,7 +176,13 @@ class Batch:
 
 def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: int,
          bos_id: int | None) -> Batch:
-    """Pack documents into rows of at most ``context`` positions (student and teacher layouts).
+    """Pack documents into rows of at most ``context`` positions (student and teacher layouts)."""
+    return batch_of_rows(pack_rows(docs, vectors_for, context, bos_id), vectors_for, bos_id)
+
+
+def pack_rows(docs: Sequence[Document], vectors_for: Callable[[int], int], context: int,
+              bos_id: int | None) -> list[list[Document]]:
+    """Group documents into rows of at most ``context`` positions.
 
     Greedy first fit in order; a document longer than the context is cut at a span boundary (a
     span that alone overflows is dropped). ``vectors_for(samples)`` is an upper bound of the
@@ -197,6 +203,11 @@ def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: i
         else:
             rows.append([doc])
             room.append((s_len, t_len))
+    return rows
+
+
+def batch_of_rows(rows: Sequence[Sequence[Document]], vectors_for: Callable[[int], int], bos_id: int | None) -> Batch:
+    """The tensors of documents already grouped into rows (``pack_rows``)."""
     unit_row, unit_kind, unit_token, unit_span, unit_target = [], [], [], [], []
     span_tokens: list[int] = []
     span_count, waves = [], []

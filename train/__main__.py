@@ -119,8 +119,9 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
                          consumed, teacher_cache)
     heldout = None
     if schedule.diagnostics_every and cfg.eval.heldout:
-        heldout = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer, model.vectors_for,
-                                cfg.seed, rank, world).to(engine.device)
+        heldout, heldout_weight = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer,
+                                                model.vectors_for, cfg.seed, rank, world)
+        heldout = heldout.to(engine.device)
     pre_decay = decay_start(schedule.max_steps, schedule.decay_fraction)
 
     def save_pre_decay() -> None:
@@ -155,7 +156,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             if teacher_cache is not None:   # share of micro-batches that used cached teacher targets
                 record["teacher_cached"] = totals[6].item() / n
             if heldout is not None and step % schedule.diagnostics_every == 0:
-                sums = engine.module.diagnostics(heldout)   # collective under ZeRO-3: every rank runs it
+                sums = engine.module.diagnostics(heldout) * heldout_weight   # collective under ZeRO-3
                 dist.all_reduce(sums)
                 record.update(M=float(sums[0] / sums[1].clamp(min=1)), F=float(sums[2] / sums[3].clamp(min=1)))
             if rank == 0 and (step % schedule.log_every == 0 or step == schedule.max_steps):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
-from model.inputs import Batch, InputsConfig, interleave, pack, text_document
+from model.inputs import Batch, InputsConfig, batch_of_rows, interleave, pack, pack_rows, text_document
 from shards.format import Chunk, atomic_write_bytes, read_index
 from shards.stream import ShardStream, StreamConfig, stream_loader
 from train.config import from_dict, require
@@ -99,13 +99,23 @@ class BatchSource:
 
 
 def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors_for: Callable[[int], int],
-                  seed: int, rank: int, world: int) -> Batch:
-    """A fixed interleaved batch of held-out speech documents (this rank's share) for M and F."""
-    stream = ShardStream([(path, 1.0)], seed=seed, rank=rank, world=world, epochs=1)
-    chunks = [c for _, c in zip(range(max(1, docs // world)), stream, strict=False)]
-    rng = np.random.default_rng([seed, rank])
-    return pack([interleave(c, tokenizer, inputs, rng) for c in chunks], vectors_for, inputs.context,
-                tokenizer.bos_token_id)
+                  seed: int, rank: int, world: int) -> tuple[Batch, float]:
+    """This rank's share of a fixed interleaved batch of held-out speech documents (for M and F), and the weight
+    of its sums (1.0, or 0.0 for a rank left without a row).
+
+    Every rank reads and packs the same first ``docs`` documents and takes whole rows (r, r + world, ...), so
+    the sums over ranks, and M and F, do not depend on the world size. Under ZeRO-3 every rank must run the
+    forward: a rank without a row of its own runs row 0 and weights its sums by 0.
+    """
+    stream = ShardStream([(path, 1.0)], seed=seed, rank=0, world=1, epochs=1)
+    chunks = [c for _, c in zip(range(max(1, docs)), stream, strict=False)]
+    rng = np.random.default_rng([seed, 0])
+    documents = [interleave(c, tokenizer, inputs, rng) for c in chunks]
+    rows = pack_rows(documents, vectors_for, inputs.context, tokenizer.bos_token_id)
+    if not rows:
+        raise ValueError(f"{path}: no held-out document fits the context ({inputs.context})")
+    mine = rows[rank::world]
+    return batch_of_rows(mine or rows[:1], vectors_for, tokenizer.bos_token_id), float(bool(mine))
 
 
 DATA_YAML = "data.yaml"
