@@ -485,28 +485,37 @@ def sentences(text: str) -> list[str]:
     return [s.strip() for s in SENTENCE_END.split(text.strip()) if s.strip()]
 
 
-def cut_sentences(text: str, rng: np.random.Generator) -> list[str]:
-    """Each sentence of ``text`` cut in two at a random word (a prefix of >= 2 words), one segment each.
+def cut_pieces(text: str, rng: np.random.Generator, words: tuple[int, int] = (3, 10)) -> list[str]:
+    """``text`` cut at random words into consecutive pieces of ``words`` words (a shorter last piece joins the
+    one before), one segment each: about a sentence, most with a sentence boundary inside.
 
     Without word timings a speech span is made of whole segments (model.inputs), so a text spoken as one
-    segment is all speech: nothing follows it to distil on. Cut sentences put speech-to-text switches inside
-    and between sentences, as in the benchmarks, where a spoken context ends mid-sentence and the answer
-    follows as text.
+    segment is all speech: nothing follows it to distil on. Pieces put speech-to-text switches everywhere, as in
+    the benchmarks, where a spoken context ends mid-sentence and the answer follows as text. Pieces that cross
+    sentence boundaries matter too: a benchmark context is one utterance of several sentences, and a student
+    trained on one sentence per utterance lost the words after each full stop (toy narrative word error 0.25
+    with sentences cut in two, 0.20 with pieces: README, "Natural speech").
     """
-    out = []
-    for sentence in sentences(text):
-        words = sentence.split()
-        k = int(rng.integers(2, len(words))) if len(words) > 2 else len(words)
-        out += [" ".join(words[:k]), " ".join(words[k:])] if k < len(words) else [sentence]
-    return out
+    lo, hi = words
+    if not 1 <= lo <= hi:
+        raise ValueError(f"cut_pieces: words must be 1 <= lo <= hi, got {words}")
+    tokens = text.split()
+    pieces, start = [], 0
+    while start < len(tokens):
+        end = start + int(rng.integers(lo, hi + 1))
+        if len(tokens) - end < lo:
+            end = len(tokens)
+        pieces.append(" ".join(tokens[start:end]))
+        start = end
+    return pieces
 
 
 def synthesize_documents(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
                          source: str = "", seed: int = 0) -> Path:
-    """Speak ``(doc id, text)`` pairs as training documents: each text cut into segments (cut_sentences), so
+    """Speak ``(doc id, text)`` pairs as training documents: each text cut into segments (cut_pieces), so
     that training interleaves speech and text inside it as it does in natural speech."""
     rng = np.random.default_rng([seed, 29])
-    segments = [(doc, segment) for doc, text in docs for segment in cut_sentences(text, rng)]
+    segments = [(doc, segment) for doc, text in docs for segment in cut_pieces(text, rng)]
     return build_texts(segments, out, tts, sr, workers, source, seed=seed)
 
 

@@ -10,8 +10,7 @@ from selection import embed
 from selection.allocate import allocate, allocation_table, target_shares
 from selection.cluster import balanced_kmeans, cluster_summary
 from selection.embed import EmbedConfig, cache_dir_for, embed_part, embed_texts, read_pool
-from shards.build import sentences
-from shards.format import Chunk, Segment, atomic_write_json, write_shard
+from shards.format import Chunk, Segment, atomic_write_json, read_shard, shard_urls, write_shard
 from train.config import ConfigError
 
 TEXTS = [
@@ -322,8 +321,14 @@ def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(t
     assert seconds[expected].sum() >= 7.0 > seconds[expected[:-1]].sum()
     index = json.loads((out / "shards" / "index.json").read_text())
     assert index["sr"] == 16000 and index["docs"] == len(chosen)    # at the natural speech's rate
-    # every sentence of a chosen text cut in two (one segment each), so speech and text interleave inside it
-    assert index["segments"] == sum(2 if len(s.split()) > 2 else 1 for c in chosen for s in sentences(c["text"]))
+    # every chosen text cut into pieces of 3-10 words (one segment each), so speech and text interleave inside it
+    spoken = {chunk.doc: [seg.text for seg in chunk.segments]
+              for url in shard_urls(out / "shards") for chunk in read_shard(url)}
+    assert sorted(" ".join(parts) for parts in spoken.values()) == sorted(c["text"] for c in chosen)
+    assert index["segments"] == sum(map(len, spoken.values()))
+    assert any(len(parts) > 1 for parts in spoken.values())
+    for parts in spoken.values():
+        assert all(len(p.split()) >= 3 for p in parts) and all(len(p.split()) <= 10 for p in parts[:-1])
     entries = yaml.safe_load((cfg.run.path() / "data.yaml").read_text())["speech"]
     assert entries == [{"path": str(out / "shards"), "weight": pytest.approx(0.07), "round": 1}]
     assert json.loads((out / DONE).read_text()) == {"strategy": "uniform", "texts": len(chosen), "budget_s": 7.0}

@@ -1,12 +1,13 @@
 """Fast checks of the toy asset builder's pieces (the reduced end-to-end build is tests/test_toy_pipeline.py)."""
 
 import json
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 
-from shards.build import cut_sentences, sentences
-from toy.build import SIZES, build, build_pool
+from shards.build import cut_pieces, sentences
+from toy.build import PART_SIZES, PART_VERSIONS, SIZES, build_pool, part_stamp, read_stamps, stale_parts
 from toy.world import DOMAINS, World
 
 
@@ -14,12 +15,19 @@ def test_sentences_keep_their_full_stops():
     assert sentences("anna went home. she slept.") == ["anna went home.", "she slept."]
 
 
-def test_cut_sentences_cut_each_sentence_once_and_keep_every_word():
-    text = "one morning eva went to the school. she took her red ball along. hi there."
-    parts = cut_sentences(text, np.random.default_rng(0))
-    assert " ".join(parts) == text
-    assert len(parts) == 5          # two sentences cut in two; "hi there." is too short to cut
-    assert all(len(p.split()) >= 2 for p in parts[0::2][:2])
+def test_cut_pieces_keep_every_word_in_order_within_the_lengths():
+    text = "one morning eva went to the school. she took her red ball along. hi there. it was fun."
+    for seed in range(20):
+        parts = cut_pieces(text, np.random.default_rng(seed), words=(3, 6))
+        assert " ".join(parts) == text
+        lengths = [len(p.split()) for p in parts]
+        assert all(3 <= n for n in lengths) and all(n <= 6 for n in lengths[:-1]) and lengths[-1] < 6 + 3
+    crossing = [p for seed in range(20) for p in cut_pieces(text, np.random.default_rng(seed), words=(3, 6))
+                if "." in p[:-1]]
+    assert crossing, "pieces should cross sentence boundaries"
+    assert cut_pieces("too short", np.random.default_rng(0)) == ["too short"]
+    with pytest.raises(ValueError, match="lo <= hi"):
+        cut_pieces(text, np.random.default_rng(0), words=(5, 4))
 
 
 def test_pool_holds_every_domain_unordered(tmp_path):
@@ -31,7 +39,26 @@ def test_pool_holds_every_domain_unordered(tmp_path):
     assert [r["domain"] for r in rows[: len(rows) // 2]] != sorted(r["domain"] for r in rows[: len(rows) // 2])
 
 
-def test_assets_built_with_other_settings_are_refused(tmp_path):
-    (tmp_path / "assets.json").write_text(json.dumps({"world_seed": 5, "size": "full", "sizes": {}}))
-    with pytest.raises(SystemExit, match="built with other settings"):
-        build(tmp_path, world_seed=0, size="reduced")
+def test_only_parts_built_with_other_settings_or_code_are_stale(tmp_path):
+    sizes = SIZES["reduced"]
+    for name in PART_SIZES:
+        (tmp_path / name).mkdir()
+    stamps = {name: part_stamp(name, 0, sizes) for name in PART_SIZES}
+    assert stale_parts(tmp_path, stamps, 0, sizes) == []
+    assert stale_parts(tmp_path, stamps, 0, replace(sizes, stories=sizes.stories + 1)) == ["speech"]
+    assert set(stale_parts(tmp_path, stamps, 0, replace(sizes, bench_items=7))) == {"bench", "llm"}
+    assert stale_parts(tmp_path, stamps, 1, sizes) == list(PART_SIZES)
+    assert stale_parts(tmp_path, {**stamps, "text": {**stamps["text"], "version": 0}}, 0, sizes) == ["text"]
+    (tmp_path / "heldout").rmdir()
+    assert stale_parts(tmp_path, stamps, 0, sizes) == ["heldout"]
+
+
+def test_first_format_stamps_stand_for_version_1_of_every_part(tmp_path):
+    sizes = SIZES["full"]
+    (tmp_path / "assets.json").write_text(json.dumps({"world_seed": 0, "size": "full", "sizes": asdict(sizes)}))
+    stamps = read_stamps(tmp_path)
+    assert set(stamps) == set(PART_SIZES)
+    assert stamps["llm"] == {**part_stamp("llm", 0, sizes), "version": 1}
+    for name in PART_SIZES:
+        (tmp_path / name).mkdir()
+    assert stale_parts(tmp_path, stamps, 0, sizes) == [n for n in PART_SIZES if PART_VERSIONS[n] > 1]

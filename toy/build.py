@@ -2,13 +2,15 @@
 
     python -m toy.build [--out assets/toy] [--world-seed 0] [--size full|reduced] [--workers 2]
 
-Parts, each built only when missing and written under a temporary name first (a killed build resumes):
+Parts, each built when missing or stale (other sizes or world seed, or an older builder: ``assets.json`` keeps
+the stamp of every part), and written under a temporary name first (a killed build resumes):
 
 - ``llm/``        the teacher: word-level tokenizer + ~1M-parameter Llama trained on every domain's text
                   (toy.teacher), with ``accuracy.json``: its text accuracy on every benchmark;
 - ``encoder/``    the frozen toy speech encoder: CTC on espeak-ng phonemes of narrative sentences and random
                   strings over the whole vocabulary (toy.speech_encoder), never the LLM;
-- ``speech/``     the natural speech: narrative stories only, one sentence per segment, several voices/speeds;
+- ``speech/``     the natural speech: narrative stories only, cut into pieces of about a sentence (cut_pieces),
+                  several voices/speeds;
 - ``text/``       text-only shards of every domain (the anti-forgetting mix);
 - ``heldout/``    spoken documents of every domain in voices no training data uses (the diagnostics M and F);
 - ``pool.jsonl``  the selection pool: texts of every domain, unlabelled for selection (a ``domain`` field is
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.build import build_texts, cut_sentences, sentences
+from shards.build import build_texts, cut_pieces, sentences
 from shards.format import atomic_write_bytes, atomic_write_json
 from shards.tts import TTSConfig
 from toy.speech_encoder import SAMPLE_RATE, TRAIN_SPEEDS, TRAIN_VOICES
@@ -52,7 +54,7 @@ class Sizes:
     encoder_steps: int = 1000
     encoder_sentences: int = 1100
     encoder_random_strings: int = 2900
-    stories: int = 500             # natural speech: narrative stories (about 7 sentences each)
+    stories: int = 2000            # natural speech: narrative stories (about 7 sentences, 15 s; 8.2 h in all)
     text_per_domain: int = 200     # text shards
     heldout_per_domain: int = 8    # spoken held-out texts per domain, 4 per document
     pool_per_domain: int = 400
@@ -108,7 +110,7 @@ def build_encoder(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     rng = _domain_rng(world.seed, "speech", NATURAL)
     stories = world.texts(NATURAL, sizes.stories, rng)
-    docs = [(f"story-{i:05d}", s) for i, story in enumerate(stories) for s in cut_sentences(story, rng)]
+    docs = [(f"story-{i:05d}", s) for i, story in enumerate(stories) for s in cut_pieces(story, rng)]
     build_texts(docs, out, TTSConfig(voices=TRAIN_VOICES, speeds=TRAIN_SPEEDS), SAMPLE_RATE, workers,
                 source="toy-narrative")
 
@@ -124,7 +126,7 @@ def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     for d in DOMAINS:
         rng = _domain_rng(world.seed, "heldout", d)
         texts = world.texts(d, sizes.heldout_per_domain, rng)
-        docs += [(f"{d}-{i // 4:05d}", s) for i, text in enumerate(texts) for s in cut_sentences(text, rng)]
+        docs += [(f"{d}-{i // 4:05d}", s) for i, text in enumerate(texts) for s in cut_pieces(text, rng)]
     build_texts(docs, out, TTSConfig(voices=UNSEEN_VOICES), SAMPLE_RATE, workers, source="toy-heldout")
 
 
@@ -144,27 +146,70 @@ def build_bench(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
 
 def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) -> None:
-    """Build every missing part of the toy assets into ``out`` (see the module docstring)."""
+    """Build every missing or stale part of the toy assets into ``out`` (see the module docstring)."""
     sizes = SIZES[size]
     out.mkdir(parents=True, exist_ok=True)
-    stamp = {"world_seed": world_seed, "size": size, "sizes": asdict(sizes)}
-    stamp_path = out / "assets.json"
-    if stamp_path.is_file() and json.loads(stamp_path.read_text()) != stamp:
-        raise SystemExit(f"{out}: built with other settings ({stamp_path}); remove the folder or choose --out")
-    atomic_write_json(stamp_path, stamp)
-    data = [name for name in DATA_PARTS if not (out / name).exists()]
-    models = [name for name in MODEL_PARTS if not (out / name).exists()]
-    for name in data:
+    stamps = read_stamps(out)
+    todo = stale_parts(out, stamps, world_seed, sizes)
+    for name in todo:
+        if (out / name).exists():
+            print(f"toy assets: {out / name} was built with other settings or code; rebuilding it", file=sys.stderr)
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        stamps.pop(name, None)
+    atomic_write_json(out / STAMPS, {"parts": stamps})
+
+    def done(name: str) -> None:
+        stamps[name] = part_stamp(name, world_seed, sizes)
+        atomic_write_json(out / STAMPS, {"parts": stamps})
+
+    for name in [n for n in DATA_PARTS if n in todo]:
         _build_part(name, out, world_seed, size, workers)
+        done(name)
     # the teacher and the encoder are independent single-threaded trainings: one process each
+    models = [n for n in MODEL_PARTS if n in todo]
     with ProcessPoolExecutor(max(1, len(models)), mp_context=mp.get_context("spawn")) as pool:
-        for job in [pool.submit(_build_part, name, out, world_seed, size, workers) for name in models]:
+        jobs = {name: pool.submit(_build_part, name, out, world_seed, size, workers) for name in models}
+        for name, job in jobs.items():
             job.result()
+            done(name)
 
 
 DATA_PARTS = {"bench": build_bench, "pool.jsonl": build_pool, "text": build_text, "speech": build_speech,
               "heldout": build_heldout}
 MODEL_PARTS = {"encoder": build_encoder, "llm": build_teacher}
+# What each part is made from: the sizes it reads, and a version raised whenever its builder changes what it makes
+# (so that assets built by older code are rebuilt, and only those).
+PART_SIZES = {"bench": ("bench_items",), "pool.jsonl": ("pool_per_domain",), "text": ("text_per_domain",),
+              "speech": ("stories",), "heldout": ("heldout_per_domain",),
+              "encoder": ("encoder_steps", "encoder_sentences", "encoder_random_strings"),
+              "llm": ("teacher_steps", "teacher_layers", "teacher_hidden", "bench_items")}
+PART_VERSIONS = {"bench": 1, "pool.jsonl": 1, "text": 1, "speech": 2, "heldout": 2, "encoder": 1, "llm": 1}
+STAMPS = "assets.json"
+
+
+def part_stamp(name: str, world_seed: int, sizes: Sizes) -> dict:
+    return {"world_seed": world_seed, "version": PART_VERSIONS[name],
+            **{k: getattr(sizes, k) for k in PART_SIZES[name]}}
+
+
+def read_stamps(out: Path) -> dict[str, dict]:
+    """Part -> the stamp it was built with. A stamp file of the first format (one stamp for all parts) stands for
+    version 1 of every part."""
+    path = out / STAMPS
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if "parts" in data:
+        return data["parts"]
+    old = Sizes(**data["sizes"]) if set(data.get("sizes", {})) == set(asdict(Sizes())) else None
+    return {name: {**part_stamp(name, data.get("world_seed"), old), "version": 1} for name in PART_SIZES} if old else {}
+
+
+def stale_parts(out: Path, stamps: dict[str, dict], world_seed: int, sizes: Sizes) -> list[str]:
+    """Parts to build: missing, or built with other settings or an older builder (a part without a stamp was
+    left by an interrupted build or built by hand: rebuilt too)."""
+    return [name for name in PART_SIZES
+            if not (out / name).exists() or stamps.get(name) != part_stamp(name, world_seed, sizes)]
 
 
 def _build_part(name: str, out: Path, world_seed: int, size: str, workers: int) -> None:

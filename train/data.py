@@ -39,7 +39,7 @@ class DataConfig:
     text: list[ShardSetRef] = field(default_factory=list)     # broad text for the anti-forgetting mix
     text_ratio: float = 0.33          # share of micro-batches that are text only
     docs_per_batch: int = 8           # document chunks per micro-batch and rank
-    assets: str = ""                  # module run as `python -m <assets>` when a shard set is missing
+    assets: str = ""                  # module run as `python -m <assets>` before training: builds what is missing
 
     def __post_init__(self) -> None:
         require(0.0 <= self.text_ratio <= 1.0, "text_ratio", "must be in [0, 1]")
