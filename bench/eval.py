@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.benchmarks import MCQItem  # noqa: E402
 from eval.mcq import (  # noqa: E402
-    LM,
     choice_logprobs,
     choice_logprobs_naive,
     prompt_document,
@@ -31,6 +30,7 @@ from eval.mcq import (  # noqa: E402
     shots_for,
     text_prefix_embeddings,  # noqa: E402
 )
+from model.speech_lm import LM  # noqa: E402
 from toy.smoke import sentences  # noqa: E402
 from toy.tiny import tiny_llm, train_tokenizer  # noqa: E402
 

@@ -13,33 +13,18 @@ from its speech.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from eval.benchmarks import MCQItem
-from model.inputs import SPEECH, TEXT, Document, Span, pack
-from model.speech_lm import SpeechLM
+from model.inputs import SPEECH, TEXT, Document, Span
+from model.speech_lm import LM, SpeechLM
 
 MODES = ("teacher_text", "student_text", "student_speech")
 CASCADE = "cascade"
 SEPARATOR = "\n\n"
-
-
-@dataclass
-class LM:
-    """What scoring needs of a causal LM: its decoder (hidden states), token embeddings and head."""
-
-    decoder: nn.Module
-    embed: nn.Module
-    head: nn.Module
-
-    @staticmethod
-    def of(llm: nn.Module) -> LM:
-        return LM(llm.get_decoder(), llm.get_input_embeddings(), llm.get_output_embeddings())
 
 
 def shots_for(items: list[MCQItem], index: int, k: int, seed: int) -> list[MCQItem]:
@@ -80,13 +65,6 @@ def text_prefix_embeddings(lm: LM, doc: Document, bos_id: int | None) -> torch.T
     ids = ([bos_id] if bos_id is not None else []) + [t for span in doc.spans for t in span.ids]
     device = next(lm.embed.parameters()).device
     return lm.embed(torch.tensor([ids], device=device))
-
-
-def speech_prefix_embeddings(model: SpeechLM, doc: Document, bos_id: int | None) -> torch.Tensor:
-    budget = max(doc.lengths(model.vectors_for, bos_id is not None))   # the whole prompt, never truncated
-    batch = pack([doc], model.vectors_for, budget, bos_id).to(model.boundary.device)
-    embeds, _ = model.student_embeddings(batch)
-    return embeds
 
 
 @torch.no_grad()
@@ -153,7 +131,7 @@ def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots:
     out = {}
     for mode, lm in lms.items():
         if mode == "student_speech":
-            prefix = speech_prefix_embeddings(student, prompt_document(item, shots, tokenizer, audio), bos)
+            prefix = student.prompt_embeddings(prompt_document(item, shots, tokenizer, audio), bos)
         else:
             doc = prompt_document(item, shots, tokenizer, None, transcripts if mode == CASCADE else None)
             start = bos if bos is not None or any(span.ids for span in doc.spans) else tokenizer.eos_token_id

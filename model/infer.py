@@ -19,10 +19,9 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from eval.mcq import LM, speech_prefix_embeddings
 from model.build import DTYPES, load_export
 from model.inputs import SPEECH, TEXT, Document, Span
-from model.speech_lm import SpeechLM
+from model.speech_lm import LM, SpeechLM
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -67,7 +66,7 @@ def prompt_embeddings(model: SpeechLM, tokenizer, wave: np.ndarray, prompt: str 
     ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
     spans = [Span(TEXT, ids)] if ids else []
     doc = Document(spans + [Span(SPEECH, [], np.ascontiguousarray(wave, dtype=np.float32))])
-    return speech_prefix_embeddings(model, doc, tokenizer.bos_token_id)
+    return model.prompt_embeddings(doc, tokenizer.bos_token_id)
 
 
 def stop_ids(model: SpeechLM, tokenizer) -> set[int]:

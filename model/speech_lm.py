@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from model.adapter import Adapter
 from model.encoder import SpeechEncoder
-from model.inputs import Batch, Layout
+from model.inputs import Batch, Document, Layout, pack
 
 BEGIN, END, BLANK = 0, 1, 2    # rows of SpeechLM.boundary
 BLANK_LABEL = -1               # greedy CTC label of a blank frame (token labels are ids >= 0)
@@ -84,6 +85,19 @@ def ctc_pool(vectors: Tensor, labels: Tensor, lengths: Tensor) -> tuple[Tensor, 
     sums = vectors.new_zeros(total, vectors.shape[-1]).index_add(0, run, vectors[keep])
     sizes = torch.bincount(run, minlength=total).to(vectors.dtype)
     return sums / sizes[:, None], starts.sum(1)
+
+
+@dataclass
+class LM:
+    """What scoring needs of a causal LM: its decoder (hidden states), token embeddings and head."""
+
+    decoder: nn.Module
+    embed: nn.Module
+    head: nn.Module
+
+    @staticmethod
+    def of(llm: nn.Module) -> LM:
+        return LM(llm.get_decoder(), llm.get_input_embeddings(), llm.get_output_embeddings())
 
 
 class SpeechLM(nn.Module):
@@ -219,6 +233,13 @@ class SpeechLM(nn.Module):
         """Token embeddings at text positions, [begin] vectors [end] at speech spans."""
         embeds, layout, _ = self._student(batch)
         return embeds, layout
+
+    def prompt_embeddings(self, doc: Document, bos_id: int | None) -> torch.Tensor:
+        """[1, P, H] input embeddings of one prompt (text and speech spans), never truncated: for scoring and
+        generation, which run the LLM on them."""
+        budget = max(doc.lengths(self.vectors_for, bos_id is not None))
+        embeds, _ = self.student_embeddings(pack([doc], self.vectors_for, budget, bos_id).to(self.boundary.device))
+        return embeds
 
     def forward(self, batch: Batch, with_speech: bool = False) \
             -> tuple[Tensor, Layout] | tuple[Tensor, Layout, AdapterOutput]:

@@ -16,13 +16,13 @@ from eval.benchmarks import MCQItem
 from eval.cascade import has_ctc_head, summarise, transcribe_contexts, word_errors
 from eval.mcq import (
     CASCADE,
-    LM,
     SEPARATOR,
     choice_logprobs_naive,
     correct_by_mode,
     normalise,
     prompt_document,
 )
+from model.speech_lm import LM
 from tests import test_ctc
 from tests.test_ctc import A, B, audio, build
 from tests.test_train import REPO, TORCHRUN, env

@@ -7,20 +7,19 @@ from transformers import AutoModelForCausalLM
 
 from eval.benchmarks import MCQItem
 from eval.mcq import (
-    LM,
     choice_logprobs,
     choice_logprobs_naive,
     normalise,
     prompt_document,
     score_item,
     shots_for,
-    speech_prefix_embeddings,
     text_prefix_embeddings,
 )
 from model.adapter import AdapterConfig
 from model.build import LLMConfig, ModelConfig, build_speech_lm
 from model.encoder import EncoderConfig
 from model.inputs import SPEECH, TEXT
+from model.speech_lm import LM
 
 
 def items(n=4):
@@ -107,7 +106,7 @@ def test_speech_prefix_runs_through_the_adapter(tiny_dir, tokenizer):
     audio = {it.id: np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1 for it in pool}
     doc = prompt_document(pool[0], pool[1:], tokenizer, audio)
     with torch.no_grad():
-        prefix = speech_prefix_embeddings(model, doc, tokenizer.bos_token_id)
+        prefix = model.prompt_embeddings(doc, tokenizer.bos_token_id)
     expected = 1 + 2 * (model.vectors_for(16000) + 2) + len(doc.spans[1].ids)
     assert prefix.shape == (1, expected, model.boundary.shape[1])
     choices = [tokenizer.encode(c, add_special_tokens=False) for c in pool[0].choices]

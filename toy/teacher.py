@@ -25,7 +25,8 @@ from tokenizers.models import WordLevel
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from eval.benchmarks import MCQItem
-from eval.mcq import LM, prompt_document, score_item, shots_for, text_prefix_embeddings
+from eval.mcq import prompt_document, score_item, shots_for, text_prefix_embeddings
+from model.speech_lm import LM
 from toy import world as lexicon
 from toy.tiny import SPECIAL
 from toy.world import DOMAINS, World, vocabulary
