@@ -5,34 +5,30 @@ import pytest
 import torch
 
 from model.inputs import InputsConfig
-from shards.format import Chunk, Segment, atomic_write_json, write_shard
+from shards.format import Chunk, Segment
 from tests.test_ctc import build
+from tests.test_stream import SR, make_set
 from train.data import heldout_batch
 from train.objective import LossConfig, Objective
 
 INPUTS = InputsConfig(text_words=(1, 3), speech_words=(1, 2), context=48)
 
 
-SR = 16000
 WORDS = "the cat sat on the mat and looked at the red ball near the river".split()
 
 
-def chunk(i: int) -> Chunk:
+def chunk(name: str, i: int) -> Chunk:
     """A held-out document: three spoken sentences of 0.3-0.8 s."""
     rng = np.random.default_rng(i)
     segments = [Segment(" ".join(rng.choice(WORDS, 4)), (0.1 * rng.standard_normal(int(SR * rng.uniform(0.3, 0.8))))
                         .astype(np.float32), SR) for _ in range(3)]
-    return Chunk(key=f"held_{i:03d}", doc=f"held-{i:03d}", source="test", segments=segments)
+    return Chunk(key=f"{name}_{i:03d}", doc=f"{name}-{i:03d}", source="test", segments=segments)
 
 
 @pytest.fixture(scope="module")
 def heldout_set(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("heldout")
-    chunks = [chunk(i) for i in range(10)]
-    sha = write_shard(folder / "shard-000000.tar", chunks)
-    atomic_write_json(folder / "index.json", {"sr": SR, "rejects": {}, "shards": [
-        {"url": "shard-000000.tar", "docs": len(chunks), "segments": 30, "seconds": sum(c.seconds for c in chunks),
-         "sha256": sha}]})
+    make_set(folder, "held", shards=1, per_shard=10, chunk=chunk)
     return str(folder)
 
 

@@ -7,6 +7,7 @@ import shutil
 import tarfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +28,16 @@ def _chunk(name: str, i: int) -> Chunk:
                  segments=[Segment(f"spoken {name} {i}", audio, SR), Segment(f"text {name} {i}")])
 
 
-def make_set(folder: Path, name: str, shards: int, per_shard: int) -> list[str]:
+def make_set(folder: Path, name: str, shards: int, per_shard: int,
+             chunk: Callable[[str, int], Chunk] = _chunk) -> list[str]:
     """A shard set with an index, as shards.build writes it; returns the sample keys."""
     entries, keys = [], []
     for s in range(shards):
-        chunks = [_chunk(name, s * per_shard + j) for j in range(per_shard)]
+        chunks = [chunk(name, s * per_shard + j) for j in range(per_shard)]
         url = f"shard-{s:06d}.tar"
         sha = write_shard(folder / url, chunks)
-        entries.append({"url": url, "docs": len({c.doc for c in chunks}), "segments": 2 * per_shard,
+        entries.append({"url": url, "docs": len({c.doc for c in chunks}),
+                        "segments": sum(len(c.segments) for c in chunks),
                         "seconds": sum(c.seconds for c in chunks), "sha256": sha})
         keys += [c.key for c in chunks]
     atomic_write_json(folder / "index.json", {"sr": SR, "shards": entries, "rejects": {}})

@@ -28,7 +28,7 @@ import json
 import multiprocessing as mp
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -152,9 +152,13 @@ def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) 
     stamps = read_stamps(out)
     todo = stale_parts(out, stamps, world_seed, sizes)
     for name in todo:
-        if (out / name).exists():
-            print(f"toy assets: {out / name} was built with other settings or code; rebuilding it", file=sys.stderr)
-            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        part = out / name
+        if part.exists():
+            print(f"toy assets: {part} was built with other settings or code; rebuilding it", file=sys.stderr)
+            if part.is_dir():
+                shutil.rmtree(part)
+            else:
+                part.unlink()
         stamps.pop(name, None)
     atomic_write_json(out / STAMPS, {"parts": stamps})
 
@@ -165,13 +169,16 @@ def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) 
     for name in [n for n in DATA_PARTS if n in todo]:
         _build_part(name, out, world_seed, size, workers)
         done(name)
-    # the teacher and the encoder are independent single-threaded trainings: one process each
+    # the teacher and the encoder are independent single-threaded trainings: one process each. Each is stamped
+    # as soon as it is built, so a failure of the other does not make it stale (the teacher takes ~20 minutes).
     models = [n for n in MODEL_PARTS if n in todo]
     with ProcessPoolExecutor(max(1, len(models)), mp_context=mp.get_context("spawn")) as pool:
-        jobs = {name: pool.submit(_build_part, name, out, world_seed, size, workers) for name in models}
-        for name, job in jobs.items():
-            job.result()
-            done(name)
+        jobs = {pool.submit(_build_part, name, out, world_seed, size, workers): name for name in models}
+        for job in as_completed(jobs):
+            if job.exception() is None:
+                done(jobs[job])
+    for job in jobs:
+        job.result()   # raise the first failure, after every success is stamped
 
 
 DATA_PARTS = {"bench": build_bench, "pool.jsonl": build_pool, "text": build_text, "speech": build_speech,
