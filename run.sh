@@ -15,6 +15,9 @@
 # SALAD_LAUNCH to run the jobs under a launcher, e.g.
 #   SALAD_LAUNCH="torchrun --standalone --nproc_per_node 8 -m" ./run.sh configs/qwen2.5-3b-mimi.yaml
 #   SALAD_LAUNCH="deepspeed --hostfile hosts --num_gpus 8 --module" ./run.sh configs/qwen2.5-3b-mimi.yaml
+# SALAD_EVAL_LAUNCH overrides it for eval alone. Without either, on a machine without GPUs, eval runs one
+# process per core (at most 8; items split across ranks): its many small per-item passes keep one core busy
+# each, where one process with several threads does not.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
@@ -61,11 +64,23 @@ runtime_env() {
 
 setup() { ensure_system; ensure_venv; runtime_env; }
 
+default_eval_launch() {
+  local procs
+  procs=$(nproc 2>/dev/null || echo 1)
+  procs=$((procs > 8 ? 8 : procs))
+  if command -v nvidia-smi >/dev/null 2>&1 || [ "$procs" -lt 2 ]; then
+    echo "$PY -m"
+  else
+    echo "$PY -m torch.distributed.run --standalone --nproc_per_node $procs -m"
+  fi
+}
+
 run_rounds() {
   # run_rounds ROUNDS CONFIG [key=value...]: rounds 0..ROUNDS, then the report
   local rounds=$1 config=$2; shift 2
-  local launch
+  local launch eval_launch
   read -r -a launch <<< "${SALAD_LAUNCH:-$PY -m}"
+  read -r -a eval_launch <<< "${SALAD_EVAL_LAUNCH:-${SALAD_LAUNCH:-$(default_eval_launch)}}"
   for ((r = 0; r <= rounds; r++)); do
     if [ "$r" -gt 0 ]; then
       log "round $r: selection"
@@ -74,7 +89,7 @@ run_rounds() {
     log "round $r: training"
     "${launch[@]}" train --config "$config" --round "$r" "$@"
     log "round $r: evaluation"
-    "${launch[@]}" eval --config "$config" --round "$r" "$@"
+    "${eval_launch[@]}" eval --config "$config" --round "$r" "$@"
   done
   "$PY" -m eval.report --config "$config" "$@"
 }
@@ -150,7 +165,7 @@ case "${1:-}" in
     log "ready: $VENV"
     ;;
   -h|--help|help)
-    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   ablation)
     shift

@@ -56,7 +56,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
 
     from eval.benchmarks import read_items
     from eval.cascade import summarise, transcribe_contexts, word_errors
-    from eval.mcq import CASCADE, LM, MODES, correct_by_mode, shots_for
+    from eval.mcq import CASCADE, LM, MODES, correct_by_mode, encode_contexts, shots_for
     from eval.spoken import build_spoken, load_spoken
 
     items = read_items(task.path)
@@ -74,17 +74,18 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
     shots = {i: shots_for(items, i, task.shots, cfg.seed) for i in mine}
     teacher, llm = LM.of(student.teacher), LM.of(student.llm)
     lms = {"teacher_text": teacher, "student_text": llm, "student_speech": llm}
+    # every context this rank's prompts hear, encoded once: for the speech prompts and the cascade's decoding
+    encoded = encode_contexts(student, audio, sorted({it.id for i in mine for it in (items[i], *shots[i])}))
     transcripts = None
     if cascade:   # the teacher reads the decoded contexts of this rank's items and examples
         lms[CASCADE] = teacher
-        needed = sorted({it.id for i in mine for it in (items[i], *shots[i])})
-        transcripts = transcribe_contexts(student, tokenizer, audio, needed)
+        transcripts = transcribe_contexts(student, tokenizer, encoded)
     rows = []
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task(f"eval {task.name}", total=len(mine))
         for i in mine:
             row = correct_by_mode(student, lms, items[i], shots[i], tokenizer, audio, cfg.eval.norm,
-                                  transcripts)
+                                  transcripts, encoded)
             if transcripts is not None:
                 row["errors"], row["words"] = word_errors(items[i].context, transcripts[items[i].id])
             rows.append((i, row))

@@ -11,11 +11,10 @@ word error rate of the decoded contexts against the benchmark's text says how we
 from __future__ import annotations
 
 import jiwer
-import numpy as np
 import torch
 
 from eval.mcq import CASCADE
-from model.speech_lm import SpeechLM
+from model.speech_lm import AdapterOutput, SpeechLM
 
 # The words a word error rate compares: lower case, punctuation dropped (a word-level tokenizer decodes
 # "rome." as "rome ."), single spaces.
@@ -31,17 +30,11 @@ def has_ctc_head(model: SpeechLM, ctc_weight: float) -> bool:
 
 
 @torch.no_grad()
-def transcribe_contexts(model: SpeechLM, tokenizer, audio: dict[str, np.ndarray],
-                        ids: list[str]) -> dict[str, str]:
-    """Item id -> its spoken context decoded to text. Each utterance is decoded alone, so its words never
-    depend on the rank or the batch it falls in."""
-    device = model.boundary.device
-    texts = {}
-    for key in ids:
-        wave = torch.from_numpy(audio[key]).to(device)[None]
-        tokens = model.transcribe(wave, torch.tensor([wave.shape[1]], device=device))[0]
-        texts[key] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return texts
+def transcribe_contexts(model: SpeechLM, tokenizer, encoded: dict[str, AdapterOutput]) -> dict[str, str]:
+    """Item id -> its spoken context decoded to text, from its adapter outputs (``eval.mcq.encode_contexts``:
+    each utterance encoded alone, so its words never depend on the rank or the batch it falls in)."""
+    return {key: tokenizer.decode(model.decode(out)[0], skip_special_tokens=True).strip()
+            for key, out in encoded.items()}
 
 
 def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from eval.benchmarks import MCQItem
 from model.inputs import SPEECH, TEXT, Document, Span
-from model.speech_lm import LM, SpeechLM
+from model.speech_lm import LM, AdapterOutput, SpeechLM
 
 MODES = ("teacher_text", "student_text", "student_speech")
 CASCADE = "cascade"
@@ -119,19 +119,34 @@ def score_item(lm: LM, prefix: torch.Tensor, item: MCQItem, tokenizer, norm: str
 
 
 @torch.no_grad()
+def encode_contexts(student: SpeechLM, audio: dict[str, np.ndarray], ids: list[str]) -> dict[str, AdapterOutput]:
+    """Id -> the adapter outputs of its spoken context, each utterance encoded alone (never padded beside
+    another, so that they do not depend on the rank or the batch it falls in); encoded once, they serve the
+    speech prompts of every item that hears it and the cascade's decoding."""
+    device = student.boundary.device
+    out = {}
+    for key in ids:
+        wave = torch.from_numpy(audio[key]).to(device)[None]
+        out[key] = student.adapter_output(wave, torch.tensor([wave.shape[1]], device=device))
+    return out
+
+
+@torch.no_grad()
 def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots: list[MCQItem], tokenizer,
-                    audio: dict[str, np.ndarray], norm: str,
-                    transcripts: dict[str, str] | None = None) -> dict[str, int]:
+                    audio: dict[str, np.ndarray], norm: str, transcripts: dict[str, str] | None = None,
+                    encoded: dict[str, AdapterOutput] | None = None) -> dict[str, int]:
     """1 where a mode of ``lms`` (mode -> the LM that reads its prompt) picks the item's answer, else 0.
 
-    student_speech hears every context of the prompt; CASCADE reads them as ``transcripts`` (id -> decoded
-    text); the other modes read them as text. A cascade prompt can hold no token at all (nothing decoded, no
-    BOS, no shots): it then starts from EOS, as lm-evaluation-harness does for an empty context."""
+    student_speech hears every context of the prompt (their ``encoded`` adapter outputs where given, see
+    ``encode_contexts``); CASCADE reads them as ``transcripts`` (id -> decoded text); the other modes read them
+    as text. A cascade prompt can hold no token at all (nothing decoded, no BOS, no shots): it then starts from
+    EOS, as lm-evaluation-harness does for an empty context."""
     bos = tokenizer.bos_token_id
     out = {}
     for mode, lm in lms.items():
         if mode == "student_speech":
-            prefix = student.prompt_embeddings(prompt_document(item, shots, tokenizer, audio), bos)
+            speech = AdapterOutput.stack([encoded[it.id] for it in (*shots, item)]) if encoded else None
+            prefix = student.prompt_embeddings(prompt_document(item, shots, tokenizer, audio), bos, speech)
         else:
             doc = prompt_document(item, shots, tokenizer, None, transcripts if mode == CASCADE else None)
             start = bos if bos is not None or any(span.ids for span in doc.spans) else tokenizer.eos_token_id

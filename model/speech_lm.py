@@ -40,6 +40,15 @@ class AdapterOutput(NamedTuple):
     lengths: Tensor        # [S] valid vectors per span
     blank_logits: Tensor   # [S, n] vectors . blank: the CTC blank class's logit
 
+    @staticmethod
+    def stack(outputs: list[AdapterOutput]) -> AdapterOutput:
+        """Spans encoded apart as one batch of spans, zero padded to the longest (what ``adapter_output`` gives
+        for them together, up to float rounding): so that one encoding of an utterance serves several uses."""
+        width = max(int(o.vectors.shape[1]) for o in outputs)
+        pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))   # noqa: E731
+        return AdapterOutput(torch.cat([pad(o.vectors) for o in outputs]), torch.cat([o.lengths for o in outputs]),
+                             torch.cat([pad(o.blank_logits) for o in outputs]))
+
 
 def embedding_table(embed: nn.Module) -> Tensor:
     """The LLM's input embedding matrix [V, H], detached: CTC pulls adapter outputs toward the token
@@ -195,19 +204,24 @@ class SpeechLM(nn.Module):
 
     @torch.no_grad()
     def transcribe(self, waves: Tensor, lengths: Tensor) -> list[list[int]]:
-        """Greedy CTC decoding of each utterance's adapter outputs to LLM token ids (the cascade reference:
-        the decoded words read by the teacher as text). Meaningful after training with ``loss.ctc_weight > 0``."""
-        out = self.adapter_output(waves, lengths)
+        """Greedy CTC decoding of each utterance to LLM token ids (the cascade reference: the decoded words read
+        by the teacher as text). Meaningful after training with ``loss.ctc_weight > 0``."""
+        return self.decode(self.adapter_output(waves, lengths))
+
+    @torch.no_grad()
+    def decode(self, out: AdapterOutput) -> list[list[int]]:
+        """``transcribe`` from adapter outputs already computed."""
         labels = self.greedy_labels(out)
         starts, _ = ctc_runs(labels, out.lengths)
         return [ids.tolist() for ids in labels[starts].split(starts.sum(1).tolist())]
 
     # ---- layouts ------------------------------------------------------------------------------
-    def _student(self, batch: Batch) -> tuple[Tensor, Layout, AdapterOutput]:
+    def _student(self, batch: Batch, speech: AdapterOutput | None = None) -> tuple[Tensor, Layout, AdapterOutput]:
+        """``speech``: the adapter outputs of the batch's spans when already computed (eval reuses them)."""
         embed = self.llm.get_input_embeddings()
-        if batch.num_speech:
+        if speech is None and batch.num_speech:
             speech = self.adapter_output(batch.waves, batch.wave_lengths)
-        else:
+        elif speech is None:
             # A text-only batch still runs the encoder, adapter (and compression) on a silent dummy: under ZeRO-3
             # every rank must run the same modules and collectives (each forward gathers parameters) and get
             # every gradient.
@@ -229,17 +243,18 @@ class SpeechLM(nn.Module):
                                 self.boundary[row].to(out.dtype).expand(len(pos), hidden))
         return out, layout, speech
 
-    def student_embeddings(self, batch: Batch) -> tuple[torch.Tensor, Layout]:
+    def student_embeddings(self, batch: Batch, speech: AdapterOutput | None = None) -> tuple[torch.Tensor, Layout]:
         """Token embeddings at text positions, [begin] vectors [end] at speech spans."""
-        embeds, layout, _ = self._student(batch)
+        embeds, layout, _ = self._student(batch, speech)
         return embeds, layout
 
-    def prompt_embeddings(self, doc: Document, bos_id: int | None) -> torch.Tensor:
+    def prompt_embeddings(self, doc: Document, bos_id: int | None, speech: AdapterOutput | None = None) -> Tensor:
         """[1, P, H] input embeddings of one prompt (text and speech spans), never truncated: for scoring and
-        generation, which run the LLM on them."""
+        generation, which run the LLM on them. ``speech``: its spans' adapter outputs, in span order, when
+        already computed."""
         budget = max(doc.lengths(self.vectors_for, bos_id is not None))
-        embeds, _ = self.student_embeddings(pack([doc], self.vectors_for, budget, bos_id).to(self.boundary.device))
-        return embeds
+        batch = pack([doc], self.vectors_for, budget, bos_id).to(self.boundary.device)
+        return self.student_embeddings(batch, speech)[0]
 
     def forward(self, batch: Batch, with_speech: bool = False) \
             -> tuple[Tensor, Layout] | tuple[Tensor, Layout, AdapterOutput]:

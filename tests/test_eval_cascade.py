@@ -19,6 +19,7 @@ from eval.mcq import (
     SEPARATOR,
     choice_logprobs_naive,
     correct_by_mode,
+    encode_contexts,
     normalise,
     prompt_document,
 )
@@ -73,7 +74,7 @@ def test_cascade_scores_what_the_teacher_picks_on_the_decoded_words(constructed,
     contexts = ["the cat sat on the mat", "the quick brown fox", "numbers one two", "the dog near the river"]
     items = [item(i, context) for i, context in enumerate(contexts)]
     audio_of = {it.id: audio(0.5 + 0.1 * k, k) for k, it in enumerate(items + shots)}
-    transcripts = transcribe_contexts(model, tokenizer, audio_of, sorted(audio_of))
+    transcripts = transcribe_contexts(model, tokenizer, encode_contexts(model, audio_of, sorted(audio_of)))
     assert transcripts == {key: decoded for key in audio_of}
     pieces = [p for s in shots for p in (decoded, s.choices[s.answer] + SEPARATOR)] + [decoded]
     prompt = prompt_document(items[0], shots, tokenizer, None, transcripts)       # decoded words, as text

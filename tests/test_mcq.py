@@ -9,6 +9,7 @@ from eval.benchmarks import MCQItem
 from eval.mcq import (
     choice_logprobs,
     choice_logprobs_naive,
+    encode_contexts,
     normalise,
     prompt_document,
     score_item,
@@ -19,7 +20,7 @@ from model.adapter import AdapterConfig
 from model.build import LLMConfig, ModelConfig, build_speech_lm
 from model.encoder import EncoderConfig
 from model.inputs import SPEECH, TEXT
-from model.speech_lm import LM
+from model.speech_lm import LM, AdapterOutput
 
 
 def items(n=4):
@@ -112,3 +113,26 @@ def test_speech_prefix_runs_through_the_adapter(tiny_dir, tokenizer):
     choices = [tokenizer.encode(c, add_special_tokens=False) for c in pool[0].choices]
     lm = LM.of(model.llm)
     assert torch.allclose(choice_logprobs(lm, prefix, choices), choice_logprobs_naive(lm, prefix, choices), atol=1e-5)
+
+
+def test_contexts_encoded_once_give_the_same_speech_prompt(tiny_dir, tokenizer):
+    """eval encodes each spoken context alone once and stacks them per prompt (AdapterOutput.stack, padding the
+    shorter): the prompt equals the one encoded from the waves together, for contexts of different lengths."""
+    torch.manual_seed(0)
+    model = build_speech_lm(ModelConfig(llm=LLMConfig(path=str(tiny_dir), mode="frozen"),
+                                        encoder=EncoderConfig(kind="mel"),
+                                        adapter=AdapterConfig(stack=4, layers=1, width=32, mlp=64, heads=2,
+                                                              kv_heads=1))).eval()
+    pool = items(3)
+    rng, sizes = np.random.default_rng(1), (16000, 9000, 12500)
+    audio = {it.id: rng.standard_normal(n).astype(np.float32) * 0.1 for it, n in zip(pool, sizes, strict=True)}
+    encoded = encode_contexts(model, audio, [it.id for it in pool])
+    assert [int(encoded[it.id].lengths[0]) for it in pool] == [model.vectors_for(n) for n in sizes]
+    doc = prompt_document(pool[0], pool[1:], tokenizer, audio)
+    with torch.no_grad():
+        together = model.prompt_embeddings(doc, tokenizer.bos_token_id)
+        stacked = AdapterOutput.stack([encoded[it.id] for it in (*pool[1:], pool[0])])
+        apart = model.prompt_embeddings(doc, tokenizer.bos_token_id, stacked)
+    assert stacked.vectors.shape[:2] == (3, model.vectors_for(16000))
+    assert apart.shape == together.shape
+    assert torch.allclose(apart, together, atol=1e-5)

@@ -28,7 +28,7 @@ import json
 import multiprocessing as mp
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -166,19 +166,20 @@ def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) 
         stamps[name] = part_stamp(name, world_seed, sizes)
         atomic_write_json(out / STAMPS, {"parts": stamps})
 
-    for name in [n for n in DATA_PARTS if n in todo]:
-        _build_part(name, out, world_seed, size, workers)
-        done(name)
-    # the teacher and the encoder are independent single-threaded trainings: one process each. Each is stamped
-    # as soon as it is built, so a failure of the other does not make it stale (the teacher takes ~20 minutes).
-    models = [n for n in MODEL_PARTS if n in todo]
-    with ProcessPoolExecutor(max(1, len(models)), mp_context=mp.get_context("spawn")) as pool:
-        jobs = {pool.submit(_build_part, name, out, world_seed, size, workers): name for name in models}
-        for job in as_completed(jobs):
-            if job.exception() is None:
-                done(jobs[job])
-    for job in jobs:
-        job.result()   # raise the first failure, after every success is stamped
+    # The teacher is the longest part (single-threaded training): it gets its own process from the start, and
+    # the other parts are built beside it, one after another (their speech synthesis uses ``workers`` processes).
+    # Each part is stamped as soon as it is built, so a failure elsewhere does not make it stale.
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+        teacher = pool.submit(_build_part, "llm", out, world_seed, size, workers) if "llm" in todo else None
+        try:
+            for name in [n for n in (*MODEL_PARTS, *DATA_PARTS) if n in todo and n != "llm"]:
+                _build_part(name, out, world_seed, size, workers)
+                done(name)
+        finally:
+            if teacher is not None and teacher.exception() is None:
+                done("llm")
+    if teacher is not None:
+        teacher.result()   # raise its failure, after every other part is stamped
 
 
 DATA_PARTS = {"bench": build_bench, "pool.jsonl": build_pool, "text": build_text, "speech": build_speech,
