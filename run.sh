@@ -62,7 +62,18 @@ runtime_env() {
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-setup() { ensure_system; ensure_venv; runtime_env; }
+ensure_ds_ops() {
+  # Without GPUs DeepSpeed compiles its shared-memory communication op at the first distributed start (about a
+  # minute on 2 cores, cached under ~/.cache/torch_extensions): set-up work, done here once rather than inside
+  # the first training job.
+  local stamp="$VENV/.deepspeed_cpu_ops"
+  if [ "${DS_ACCELERATOR:-}" = cpu ] && [ ! -f "$stamp" ]; then
+    log "compiling DeepSpeed's CPU communication op (once)"
+    "$PY" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 && touch "$stamp"
+  fi
+}
+
+setup() { ensure_system; ensure_venv; runtime_env; ensure_ds_ops; }
 
 default_eval_launch() {
   local procs

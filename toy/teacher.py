@@ -1,6 +1,6 @@
 """The toy's teacher: a word-level tokenizer and a ~1M-parameter Qwen2 LM trained from scratch on the world.
 
-    python -m toy.teacher --out assets/toy/llm [--steps 1500] [--seed 0]
+    python -m toy.teacher --out assets/toy/llm [--steps 600] [--seed 0]
 
 Training rows pack whole texts, ``<s> text \\n\\n text \\n\\n ...``, so a 0-shot prompt (``<s>`` + context) and a
 k-shot prompt (solved examples separated by a blank line, as eval.mcq builds it) both look like training
@@ -32,10 +32,11 @@ from toy.tiny import SPECIAL
 from toy.world import DOMAINS, World, vocabulary
 
 # Shares of the training tokens. Narrative recall (copying from the context) and the 200 arithmetic facts are
-# the slow skills; the small knowledge domains are learned early.
-WEIGHTS = {"narrative": 0.35, "endings": 0.05, "counting": 0.10, "arithmetic": 0.18, "facts": 0.07,
-           "directions": 0.07, "comparison": 0.04, "science": 0.04, "time": 0.04, "categories": 0.03,
-           "opposites": 0.03}
+# the slow skills; the small knowledge domains are learned early. Narrative gets 45%, the others share the rest
+# in these proportions (600 steps at lr 4e-3: min text accuracy 0.95; 35% at lr 3e-3: 0.88 at 600 steps).
+_OTHERS = {"endings": 0.05, "counting": 0.10, "arithmetic": 0.18, "facts": 0.07, "directions": 0.07,
+           "comparison": 0.04, "science": 0.04, "time": 0.04, "categories": 0.03, "opposites": 0.03}
+WEIGHTS = {"narrative": 0.45, **{d: w * 0.55 / sum(_OTHERS.values()) for d, w in _OTHERS.items()}}
 NEWLINE = "\n"
 COPY = "copy"
 CONTENT = (*lexicon.NAMES, *lexicon.PLACES, *lexicon.OBJECTS, *lexicon.COLOURS, *lexicon.ANIMALS, *lexicon.FOODS,
@@ -119,8 +120,8 @@ def _row(pools: dict[str, list[list[int]]], p: np.ndarray, length: int, bos: int
     return ids[:length], positions[:length]
 
 
-def train_teacher(world: World, out_dir: str | Path, steps: int = 1500, batch: int = 32, seq_len: int = 128,
-                  lr: float = 3e-3, weights: dict[str, float] | None = None, pool: int = 2000, seed: int = 0,
+def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: int = 32, seq_len: int = 128,
+                  lr: float = 4e-3, weights: dict[str, float] | None = None, pool: int = 2000, seed: int = 0,
                   chain: float = 0.3, hidden: int = 128, layers: int = 4, heads: int = 4, progress: bool = True):
     """Train the teacher and save it (``save_pretrained``, with its tokenizer) to ``out_dir``.
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m toy.teacher", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to create (must not exist)")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=32, help="rows of --seq-len tokens per step")
