@@ -97,12 +97,17 @@ def test_student_text_equals_teacher_text_with_lora_at_zero(tiny_dir, tokenizer)
     assert torch.equal(scores[0], scores[1])
 
 
-def test_speech_prefix_runs_through_the_adapter(tiny_dir, tokenizer):
+def mel_student(tiny_dir):
+    """A seeded student on mel features with a small adapter and the tiny LLM frozen, in eval mode."""
     torch.manual_seed(0)
-    model = build_speech_lm(ModelConfig(llm=LLMConfig(path=str(tiny_dir), mode="frozen"),
-                                        encoder=EncoderConfig(kind="mel"),
-                                        adapter=AdapterConfig(stack=4, layers=1, width=32, mlp=64, heads=2,
-                                                              kv_heads=1))).eval()
+    return build_speech_lm(ModelConfig(llm=LLMConfig(path=str(tiny_dir), mode="frozen"),
+                                       encoder=EncoderConfig(kind="mel"),
+                                       adapter=AdapterConfig(stack=4, layers=1, width=32, mlp=64, heads=2,
+                                                             kv_heads=1))).eval()
+
+
+def test_speech_prefix_runs_through_the_adapter(tiny_dir, tokenizer):
+    model = mel_student(tiny_dir)
     pool = items(2)
     audio = {it.id: np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1 for it in pool}
     doc = prompt_document(pool[0], pool[1:], tokenizer, audio)
@@ -118,11 +123,7 @@ def test_speech_prefix_runs_through_the_adapter(tiny_dir, tokenizer):
 def test_contexts_encoded_once_give_the_same_speech_prompt(tiny_dir, tokenizer):
     """eval encodes each spoken context alone once and stacks them per prompt (AdapterOutput.stack, padding the
     shorter): the prompt equals the one encoded from the waves together, for contexts of different lengths."""
-    torch.manual_seed(0)
-    model = build_speech_lm(ModelConfig(llm=LLMConfig(path=str(tiny_dir), mode="frozen"),
-                                        encoder=EncoderConfig(kind="mel"),
-                                        adapter=AdapterConfig(stack=4, layers=1, width=32, mlp=64, heads=2,
-                                                              kv_heads=1))).eval()
+    model = mel_student(tiny_dir)
     pool = items(3)
     rng, sizes = np.random.default_rng(1), (16000, 9000, 12500)
     audio = {it.id: rng.standard_normal(n).astype(np.float32) * 0.1 for it, n in zip(pool, sizes, strict=True)}
