@@ -45,9 +45,12 @@ class AdapterOutput(NamedTuple):
         """Spans encoded apart as one batch of spans, zero padded to the longest (what ``adapter_output`` gives
         for them together, up to float rounding): so that one encoding of an utterance serves several uses."""
         width = max(int(o.vectors.shape[1]) for o in outputs)
-        pad = lambda t: F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))   # noqa: E731
-        return AdapterOutput(torch.cat([pad(o.vectors) for o in outputs]), torch.cat([o.lengths for o in outputs]),
-                             torch.cat([pad(o.blank_logits) for o in outputs]))
+
+        def padded(t: Tensor) -> Tensor:   # [1, n, ...] -> [1, width, ...]
+            return F.pad(t, (0, 0) * (t.dim() - 2) + (0, width - t.shape[1]))
+
+        return AdapterOutput(torch.cat([padded(o.vectors) for o in outputs]), torch.cat([o.lengths for o in outputs]),
+                             torch.cat([padded(o.blank_logits) for o in outputs]))
 
 
 def embedding_table(embed: nn.Module) -> Tensor:
