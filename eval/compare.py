@@ -7,7 +7,9 @@ A run's variant (``selection.strategy``) and seed come from its last round's ``c
 have its last round evaluated at the same round R >= 1 on the same tasks. Prints, per task and on average
 over all tasks and over the tasks not in ``--natural-tasks``, student-speech accuracy and gap at stage I
 (round 0) and after round R for each variant, and the differences active - uniform and active - natural
-on that second average; writes them to ``PREFIX.json`` and ``PREFIX.md`` (default ``<runs folder>/ablation``).
+on that second average, and the diagnostics that say whether selection reached the student's ears: M and,
+where eval.json has it, the cascade's word error averaged over the same tasks. Writes them to ``PREFIX.json``
+and ``PREFIX.md`` (default ``<runs folder>/ablation``).
 
 95% intervals: with several seeds, a t interval over seeds (differences paired by seed, since the variants of
 a seed share its stage-I student); with one seed, the item bootstrap intervals of eval.json (an average or a
@@ -48,6 +50,7 @@ class Run:
     round: int
     stage1: dict[str, dict]   # task -> eval.json results of round 0
     last: dict[str, dict]     # task -> eval.json results of the last round
+    diagnostics: tuple[dict, dict]   # round 0's and the last round's M and cascade_wer (task -> error)
 
 
 def t975(df: int) -> float:
@@ -75,7 +78,8 @@ def load_run(path: Path) -> Run:
         raise ReportError(f"{config_path}: selection.strategy: must be one of {list(VARIANTS)}, got {variant!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ReportError(f"{config_path}: seed: must be an integer, got {seed!r}")
-    return Run(path, variant, seed, last["round"], rounds[0]["tasks"], last["tasks"])
+    diagnostics = tuple({k: r.get(k) for k in ("M", "cascade_wer")} for r in (rounds[0], last))
+    return Run(path, variant, seed, last["round"], rounds[0]["tasks"], last["tasks"], diagnostics)
 
 
 def scope_point(tasks: dict[str, dict], names: list[str], measure: str) -> Point:
@@ -111,6 +115,27 @@ def summarize(points: list[Point]) -> dict:
     return {"mean": mean, "ci95": [float(lo), float(hi)], "seeds": len(points)}
 
 
+def diagnostic_values(diagnostics: dict, other: list[str]) -> dict[str, float | None]:
+    """M, and the cascade's word error averaged over ``other`` (None where the round did not measure it)."""
+    wer = diagnostics.get("cascade_wer") or {}
+    mean_wer = float(np.mean([wer[t] for t in other])) if all(t in wer for t in other) else None
+    return {"M": diagnostics.get("M"), "cascade word error": mean_wer}
+
+
+DIAGNOSTICS = ("M", "cascade word error")
+
+
+def diagnostics_table(stage1: list[dict], by_variant: dict[str, dict[int, Run]], other: list[str]) -> dict:
+    """Diagnostic -> column -> mean over seeds with its t interval; a diagnostic some run lacks is left out."""
+    columns = {STAGE_I: stage1, **{v: [r.diagnostics[1] for r in seeds.values()] for v, seeds in by_variant.items()}}
+    table = {}
+    for name in DIAGNOSTICS:
+        values = {col: [diagnostic_values(d, other)[name] for d in runs] for col, runs in columns.items()}
+        if all(v is not None for vals in values.values() for v in vals):
+            table[name] = {col: summarize([(v, v, v) for v in vals]) for col, vals in values.items()}
+    return table
+
+
 def group(runs: list[Run]) -> dict[str, dict[int, Run]]:
     """variant -> seed -> run, checking that all runs end at one round on one task set."""
     first = runs[0]
@@ -139,15 +164,17 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
     excluded = [t for t in tasks if t in natural_tasks]
     other_name = f"average excl. {', '.join(excluded)}" if excluded else "average"
     scopes = {**{t: [t] for t in tasks}, "average": tasks, other_name: other}
-    stage1: dict[int, dict] = {}
+    seed_runs: dict[int, Run] = {}
     for seeds in by_variant.values():   # a seed's variants share round 0: take it from the first variant
         for seed, run in seeds.items():
-            stage1.setdefault(seed, run.stage1)
-    columns = {STAGE_I: [stage1[s] for s in sorted(stage1)],
+            seed_runs.setdefault(seed, run)
+    stage1 = [seed_runs[s] for s in sorted(seed_runs)]
+    columns = {STAGE_I: [r.stage1 for r in stage1],
                **{v: [r.last for r in seeds.values()] for v, seeds in by_variant.items()}}
     table = {scope: {m: {col: summarize([scope_point(res, names, m) for res in results])
                          for col, results in columns.items()} for m in MEASURES}
              for scope, names in scopes.items()}
+    diagnostics = diagnostics_table([r.diagnostics[0] for r in stage1], by_variant, other)
     differences = {}
     active = by_variant.get("active", {})
     for variant in ("uniform", "natural"):
@@ -158,9 +185,14 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
                 **{m: summarize([difference(scope_point(active[s].last, other, m),
                                             scope_point(by_variant[variant][s].last, other, m)) for s in paired])
                    for m in MEASURES}}
+            for name in diagnostics:
+                values = [diagnostic_values(active[s].diagnostics[1], other)[name]
+                          - diagnostic_values(by_variant[variant][s].diagnostics[1], other)[name] for s in paired]
+                differences[f"active - {variant}"][name] = summarize([(v, v, v) for v in values])
     return {"round": runs[0].round, "natural_tasks": list(natural_tasks), "scope_of_differences": other_name,
             "runs": {v: {str(s): str(r.path) for s, r in seeds.items()} for v, seeds in by_variant.items()},
-            "table": table, "differences": differences}
+            "table": table, "differences": differences,
+            "diagnostics": diagnostics}
 
 
 def _cell(stat: dict) -> str:
@@ -174,22 +206,41 @@ def table_rows(result: dict, measure: str) -> tuple[tuple[str, ...], list[list[s
     return ("task", *columns), rows
 
 
+def _diag_cell(stat: dict) -> str:
+    lo, hi = stat["ci95"]
+    return f"{stat['mean']:.3f}" if lo == hi else f"{stat['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
 def difference_rows(result: dict) -> tuple[tuple[str, ...], list[list[str]]]:
-    rows = [[name, *(_cell(d[m]) for m in MEASURES), ", ".join(map(str, d["seeds"]))]
-            for name, d in result["differences"].items()]
-    return ("contrast", "student speech", "gap", "seeds"), rows
+    names = list(result["diagnostics"])
+    rows = [[name, *(_cell(d[m]) for m in MEASURES), *(_diag_cell(d[n]) for n in names),
+             ", ".join(map(str, d["seeds"]))] for name, d in result["differences"].items()]
+    return ("contrast", "student speech", "gap", *names, "seeds"), rows
+
+
+def diagnostic_rows(result: dict) -> tuple[tuple[str, ...], list[list[str]]]:
+    columns = list(next(iter(result["table"].values()))["student_speech"])
+    rows = [[name, *(_diag_cell(by[c]) for c in columns)] for name, by in result["diagnostics"].items()]
+    return ("diagnostic", *columns), rows
 
 
 def sections(result: dict) -> list[tuple[str, tuple[str, ...], list[list[str]]]]:
     """(title, header, rows) of every table, in the order they are printed."""
     out = [(title, *table_rows(result, m)) for m, title in MEASURES.items()]
-    return out + [(f"Differences on the {result['scope_of_differences']} (points)", *difference_rows(result))]
+    out.append((f"Differences on the {result['scope_of_differences']} (accuracy and gap in points)",
+                *difference_rows(result)))
+    if result["diagnostics"]:
+        scope = result["scope_of_differences"]
+        out.append((f"Diagnostics: M (held-out speech), the cascade's word error on the {scope}",
+                    *diagnostic_rows(result)))
+    return out
 
 
 def _seeds_note(result: dict) -> str:
     counts = ", ".join(f"{v} {len(seeds)}" for v, seeds in result["runs"].items())
     return (f"Seeds per variant: {counts}. Mean over seeds [95% interval]: t over seeds; with one seed, the "
-            "bootstrap over items (normal approximation for averages and differences).")
+            "bootstrap over items (normal approximation for averages and differences), and no interval for M and "
+            "the word error.")
 
 
 def markdown(result: dict) -> str:
@@ -205,7 +256,7 @@ def print_result(result: dict, console: Console | None = None) -> None:
     for title, header, rows in sections(result):
         table = Table(title=title)
         for col in header:
-            table.add_column(col, justify="left" if col in ("task", "contrast") else "right")
+            table.add_column(col, justify="left" if col in ("task", "contrast", "diagnostic") else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)

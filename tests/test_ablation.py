@@ -28,11 +28,12 @@ def task(speech: float, ci: tuple[float, float] | None = None) -> dict:
 
 
 def write_run(root: Path, name: str, variant: str, seed: int, stage1: dict, last: dict, last_round: int = 1,
-              config: dict | None = None) -> Path:
-    """A run folder as train and eval leave it: round-0 and round-R eval.json, round-R/config.json."""
+              config: dict | None = None, diagnostics: tuple[dict, dict] = ({}, {"M": 0.1, "F": 0.01})) -> Path:
+    """A run folder as train and eval leave it: round-0 and round-R eval.json (with ``diagnostics``: M, F,
+    cascade_wer), round-R/config.json."""
     run = root / name
-    atomic_write_json(run / "round-0" / "eval.json", {"tasks": stage1})
-    atomic_write_json(run / f"round-{last_round}" / "eval.json", {"tasks": last, "M": 0.1, "F": 0.01})
+    atomic_write_json(run / "round-0" / "eval.json", {"tasks": stage1} | diagnostics[0])
+    atomic_write_json(run / f"round-{last_round}" / "eval.json", {"tasks": last} | diagnostics[1])
     atomic_write_json(run / f"round-{last_round}" / "config.json",
                       config if config is not None else {"seed": seed, "selection": {"strategy": variant}})
     return run
@@ -40,14 +41,18 @@ def write_run(root: Path, name: str, variant: str, seed: int, stage1: dict, last
 
 def three_seeds(root: Path) -> list[Path]:
     """Non-narrative speech accuracy per seed: active .6 .7 .8, uniform .5 .65 .65, natural .35 each;
-    stage I .30 .31 .32; narrative .85 after the round. Names say nothing: the configs tell the variant."""
+    stage I .30 .31 .32; narrative .85 after the round. M after the round: 1 - that accuracy (stage I 2.0);
+    cascade word error: facts 0.2 below math's, math 1 - the accuracy (stage I: math 1.0, facts 0.8,
+    narrative 0.1 throughout). Names say nothing: the configs tell the variant."""
     runs = []
     non_narrative = {"active": [0.6, 0.7, 0.8], "uniform": [0.5, 0.65, 0.65], "natural": [0.35, 0.35, 0.35]}
     for variant, values in non_narrative.items():
         for seed, x in enumerate(values):
             stage1 = {"narrative": task(0.8), "facts": task(0.3 + 0.01 * seed), "math": task(0.3 + 0.01 * seed)}
             last = {"narrative": task(0.85), "facts": task(x), "math": task(x)}
-            runs.append(write_run(root, f"run{len(runs)}", variant, seed, stage1, last))
+            diagnostics = ({"M": 2.0, "cascade_wer": {"narrative": 0.1, "facts": 0.8, "math": 1.0}},
+                           {"M": 1 - x, "F": 0.01, "cascade_wer": {"narrative": 0.1, "facts": 0.8 - x, "math": 1 - x}})
+            runs.append(write_run(root, f"run{len(runs)}", variant, seed, stage1, last, diagnostics=diagnostics))
     return runs[::-1]
 
 
@@ -84,14 +89,24 @@ def test_three_seeds_means_t_intervals_and_paired_differences(tmp_path):
     assert_stat(diff["active - uniform"]["student_speech"], 0.1, t2 * 0.05, 3)   # paired: .1 .05 .15
     assert_stat(diff["active - uniform"]["gap"], -0.1, t2 * 0.05, 3)
     assert_stat(diff["active - natural"]["student_speech"], 0.35, t2 * 0.1, 3)
+    diagnostics = result["diagnostics"]   # M, and the word error averaged over facts and math
+    assert list(diagnostics) == ["M", "cascade word error"]
+    assert_stat(diagnostics["M"]["stage I"], 2.0, 0.0, 3)
+    assert_stat(diagnostics["M"]["active"], 0.3, t2 * 0.1, 3)
+    assert_stat(diagnostics["cascade word error"]["stage I"], 0.9, 0.0, 3)
+    assert_stat(diagnostics["cascade word error"]["uniform"], 0.9 - 0.6, t2 * math.sqrt(0.0075), 3)
+    assert_stat(diff["active - uniform"]["M"], -0.1, t2 * 0.05, 3)   # paired, like the accuracy
+    assert_stat(diff["active - natural"]["cascade word error"], -0.35, t2 * 0.1, 3)
 
 
 def test_one_seed_uses_the_bootstrap_intervals(tmp_path):
     stage1 = {"narrative": task(0.8), "facts": task(0.2), "math": task(0.2)}
     active = write_run(tmp_path, "a", "active", 5, stage1, {
-        "narrative": task(0.8, (0.7, 0.88)), "facts": task(0.5, (0.4, 0.6)), "math": task(0.3, (0.22, 0.38))})
+        "narrative": task(0.8, (0.7, 0.88)), "facts": task(0.5, (0.4, 0.6)), "math": task(0.3, (0.22, 0.38))},
+        diagnostics=({"M": 1.5}, {"M": 1.0}))
     uniform = write_run(tmp_path, "u", "uniform", 5, stage1, {
-        "narrative": task(0.8), "facts": task(0.4, (0.3, 0.5)), "math": task(0.3, (0.22, 0.38))})
+        "narrative": task(0.8), "facts": task(0.4, (0.3, 0.5)), "math": task(0.3, (0.22, 0.38))},
+        diagnostics=({"M": 1.5}, {"M": 1.25}))
     result = compare([load_run(uniform), load_run(active)], ["narrative"])
     table = result["table"]
     assert table["narrative"]["student_speech"]["active"]["ci95"] == [0.7, 0.88]   # eval.json's, asymmetric
@@ -102,6 +117,10 @@ def test_one_seed_uses_the_bootstrap_intervals(tmp_path):
     assert_stat(result["differences"]["active - uniform"]["student_speech"], 0.05, math.hypot(half, half), 1)
     assert "active - natural" not in result["differences"] and list(table["facts"]["gap"]) == [
         "stage I", "active", "uniform"]
+    assert list(result["diagnostics"]) == ["M"]   # no cascade in these eval.json: no word error row
+    assert_stat(result["diagnostics"]["M"]["uniform"], 1.25, 0.0, 1)   # one seed: no interval
+    assert_stat(result["differences"]["active - uniform"]["M"], -0.25, 0.0, 1)
+    assert "cascade word error" not in result["differences"]["active - uniform"]
 
 
 def test_natural_tasks_option(tmp_path):
@@ -151,6 +170,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     md = (tmp_path / "toy-ablation.md").read_text()
     assert "| task | stage I | active | uniform | natural |" in md
     assert "| average excl. narrative | 31.0 [" in md and "| active - uniform | 10.0 [" in md
+    assert "| cascade word error | 0.900 | 0.200 [" in md   # stage I is the same in every seed: no interval
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # atomic: no temp files left
     assert "Differences on the average excl. narrative" in capsys.readouterr().out
     assert main([str(runs[0]), str(tmp_path / "missing")]) == 2
