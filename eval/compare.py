@@ -34,6 +34,7 @@ from shards.format import atomic_write_bytes, atomic_write_json
 
 VARIANTS = ("active", "uniform", "natural")
 MEASURES = {"student_speech": "Student speech accuracy (%)", "gap": "Gap: teacher text - student speech (points)"}
+DIAGNOSTICS = ("M", "cascade word error")   # whether the selected speech reached the student's ears
 STAGE_I = "stage I"
 Z = 1.959964
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -119,10 +120,7 @@ def diagnostic_values(diagnostics: dict, other: list[str]) -> dict[str, float | 
     """M, and the cascade's word error averaged over ``other`` (None where the round did not measure it)."""
     wer = diagnostics.get("cascade_wer") or {}
     mean_wer = float(np.mean([wer[t] for t in other])) if all(t in wer for t in other) else None
-    return {"M": diagnostics.get("M"), "cascade word error": mean_wer}
-
-
-DIAGNOSTICS = ("M", "cascade word error")
+    return dict(zip(DIAGNOSTICS, (diagnostics.get("M"), mean_wer), strict=True))
 
 
 def diagnostics_table(stage1: list[dict], by_variant: dict[str, dict[int, Run]], other: list[str]) -> dict:
@@ -191,8 +189,7 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
                 differences[f"active - {variant}"][name] = summarize([(v, v, v) for v in values])
     return {"round": runs[0].round, "natural_tasks": list(natural_tasks), "scope_of_differences": other_name,
             "runs": {v: {str(s): str(r.path) for s, r in seeds.items()} for v, seeds in by_variant.items()},
-            "table": table, "differences": differences,
-            "diagnostics": diagnostics}
+            "table": table, "differences": differences, "diagnostics": diagnostics}
 
 
 def _cell(stat: dict) -> str:
