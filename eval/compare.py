@@ -123,15 +123,9 @@ def diagnostic_values(diagnostics: dict, other: list[str]) -> dict[str, float | 
     return dict(zip(DIAGNOSTICS, (diagnostics.get("M"), mean_wer), strict=True))
 
 
-def diagnostics_table(stage1: list[dict], by_variant: dict[str, dict[int, Run]], other: list[str]) -> dict:
-    """Diagnostic -> column -> mean over seeds with its t interval; a diagnostic some run lacks is left out."""
-    columns = {STAGE_I: stage1, **{v: [r.diagnostics[1] for r in seeds.values()] for v, seeds in by_variant.items()}}
-    table = {}
-    for name in DIAGNOSTICS:
-        values = {col: [diagnostic_values(d, other)[name] for d in runs] for col, runs in columns.items()}
-        if all(v is not None for vals in values.values() for v in vals):
-            table[name] = {col: summarize([(v, v, v) for v in vals]) for col, vals in values.items()}
-    return table
+def over_seeds(values: list[float]) -> dict:
+    """``summarize`` for a value without an interval of its own (M, word error): the t interval over seeds."""
+    return summarize([(v, v, v) for v in values])
 
 
 def group(runs: list[Run]) -> dict[str, dict[int, Run]]:
@@ -172,7 +166,13 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
     table = {scope: {m: {col: summarize([scope_point(res, names, m) for res in results])
                          for col, results in columns.items()} for m in MEASURES}
              for scope, names in scopes.items()}
-    diagnostics = diagnostics_table([r.diagnostics[0] for r in stage1], by_variant, other)
+    last_diag = {v: {s: diagnostic_values(r.diagnostics[1], other) for s, r in seeds.items()}
+                 for v, seeds in by_variant.items()}
+    diag_columns = {STAGE_I: [diagnostic_values(r.diagnostics[0], other) for r in stage1],
+                    **{v: list(by_seed.values()) for v, by_seed in last_diag.items()}}
+    diagnostics = {name: {col: over_seeds([d[name] for d in ds]) for col, ds in diag_columns.items()}
+                   for name in DIAGNOSTICS   # a diagnostic some run lacks is left out
+                   if all(d[name] is not None for ds in diag_columns.values() for d in ds)}
     differences = {}
     active = by_variant.get("active", {})
     for variant in ("uniform", "natural"):
@@ -184,9 +184,8 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
                                             scope_point(by_variant[variant][s].last, other, m)) for s in paired])
                    for m in MEASURES}}
             for name in diagnostics:
-                values = [diagnostic_values(active[s].diagnostics[1], other)[name]
-                          - diagnostic_values(by_variant[variant][s].diagnostics[1], other)[name] for s in paired]
-                differences[f"active - {variant}"][name] = summarize([(v, v, v) for v in values])
+                differences[f"active - {variant}"][name] = over_seeds(
+                    [last_diag["active"][s][name] - last_diag[variant][s][name] for s in paired])
     return {"round": runs[0].round, "natural_tasks": list(natural_tasks), "scope_of_differences": other_name,
             "runs": {v: {str(s): str(r.path) for s, r in seeds.items()} for v, seeds in by_variant.items()},
             "table": table, "differences": differences, "diagnostics": diagnostics}
