@@ -261,10 +261,11 @@ def measure(args: argparse.Namespace, train_step, batches: list, stats: list, mo
 
 def zero3_worker(args: argparse.Namespace) -> dict:
     """ZeRO-3 through the trainer's engine, one rank."""
-    from train.engine import build_engine, init_distributed, llm_init
+    from train import distributed
+    from train.engine import build_engine, llm_init
     from train.objective import Objective
 
-    _, world = init_distributed()
+    _, world = distributed.join(deepspeed=True)
     cfg, model, batches, stats = setup(args, lambda cfg: llm_init(cfg.train, world))
     engine = build_engine(Objective(model, cfg.loss), cfg.train, world)
 

@@ -111,14 +111,13 @@ def peak_rss_mib() -> float:
 
 def zero3_worker(args: argparse.Namespace) -> dict | None:
     """One rank of the ZeRO-3 run (under torch.distributed.run); rank 0 returns the totals."""
-    import torch.distributed as dist
-
+    from train import distributed
     from train.__main__ import ensure_assets
-    from train.engine import build_engine, init_distributed
+    from train.engine import build_engine
     from train.experiment import load_experiment
     from train.objective import Objective
 
-    rank, world = init_distributed()
+    rank, world = distributed.join(deepspeed=True)
     if world != args.ranks:
         raise SystemExit(f"--ranks {args.ranks} but the launcher started {world} processes")
     cfg = load_experiment(args.config, args.overrides)
@@ -135,13 +134,11 @@ def zero3_worker(args: argparse.Namespace) -> dict | None:
             tokens, loss = tokens + out["tokens"].item(), loss + out["loss"].item()
         return tokens, loss / len(micro_batches)
 
-    result = run_steps(step, batches[rank], args.warmup, model.encoder.sample_rate, sync=dist.barrier)
-    totals = torch.tensor([result["tokens"], result["audio_s"]], dtype=torch.float64)
-    dist.all_reduce(totals)
-    per_rank: list = [None] * world   # (peak RSS, CPU seconds) of every rank
-    dist.all_gather_object(per_rank, (peak_rss_mib(), result["cpu_s"]))
-    backend = dist.get_backend()
-    dist.destroy_process_group()
+    result = run_steps(step, batches[rank], args.warmup, model.encoder.sample_rate, sync=distributed.barrier)
+    totals = distributed.all_reduce(torch.tensor([result["tokens"], result["audio_s"]], dtype=torch.float64))
+    per_rank = distributed.all_gather_object((peak_rss_mib(), result["cpu_s"]))   # (peak RSS, CPU s) per rank
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    distributed.finish()
     if rank:
         return None
     params = list(engine.module.parameters())

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node N -m eval --config CONFIG --round R     (items split across ranks)
 
 Reads ``runs/<name>/round-R/export`` (plain torch, no DeepSpeed) and the original LLM
-(``model.llm.path``, the teacher); writes ``runs/<name>/round-R/eval.json``::
+(``model.llm.path``, the teacher), both in ``model.llm.dtype`` (auto: bf16 on GPUs, fp32 on CPUs; one dtype for
+both, so that the gap does not measure precision); writes ``runs/<name>/round-R/eval.json``::
 
     {"tasks": {task: {teacher_text, student_text, student_speech, gap, text_gap, n, ci95}},
      "cascade": {task: accuracy}, "cascade_wer": {task: word error rate},      (students with a CTC head)
@@ -23,8 +24,8 @@ log-probability). Shots and bootstrap are seeded by ``seed``; every prompt and e
 (never padded beside another item), so task numbers do not depend on the rank an item falls in; per-item
 results are gathered in item order; every module is in eval mode (``load_export``); choice log-probabilities
 are summed in a fixed order; and torch runs its deterministic kernels (on CUDA: cuBLAS with a fixed
-workspace, the CTC pooling's index_add without atomics). M and F do depend on the world size: each rank
-draws its own share of held-out documents.
+workspace, the CTC pooling's index_add without atomics). M and F are sums over whole held-out rows split
+across ranks, so they do not depend on the world size either.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from model.build import load_export
-from train.dist import all_reduce, barrier, device, finish, gather, init_ranks
+from train import distributed
 from train.experiment import ExperimentConfig, job_parser, parse_job
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "salad_gap"
@@ -65,7 +66,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
     spoken_dir = Path(cfg.eval.spoken_dir or run_dir / "spoken") / task.name
     if rank == 0:
         build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers)
-    barrier()
+    distributed.barrier()
     audio = load_spoken(spoken_dir)
     missing = [it.id for it in items if it.id not in audio]
     if missing:
@@ -90,7 +91,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
                 row["errors"], row["words"] = word_errors(items[i].context, transcripts[items[i].id])
             rows.append((i, row))
             bar.advance(job)
-    rows = [row for _, row in sorted(gather(rows), key=lambda r: r[0])]
+    rows = [row for _, row in sorted(distributed.gather_lists(rows), key=lambda r: r[0])]
     metrics = task_metrics({m: [r[m] for r in rows] for m in MODES}, cfg.eval.bootstrap, cfg.seed)
     return metrics, summarise(rows) if cascade else None
 
@@ -108,13 +109,13 @@ def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int
     if not cfg.eval.heldout:
         return {}
     from train.data import heldout_batch
-    from train.objective import Objective
+    from train.objective import Objective, diagnostic_means
 
     batch, weight = heldout_batch(cfg.eval.heldout, cfg.eval.heldout_docs, cfg.inputs, tokenizer,
                                   student.vectors_for, cfg.seed, rank, world)
-    totals = Objective(student, cfg.loss).diagnostics(batch.to(student.boundary.device)) * weight
-    all_reduce(totals)
-    return {"M": float(totals[0] / totals[1].clamp(min=1)), "F": float(totals[2] / totals[3].clamp(min=1))}
+    sums = Objective(student, cfg.loss).diagnostics(batch.to(student.boundary.device)) * weight
+    means = diagnostic_means(distributed.all_reduce(sums))
+    return {"M": means["M"], "F": means["F"]}
 
 
 def deterministic() -> None:
@@ -136,10 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     from eval.cascade import has_ctc_head
 
     deterministic()
-    rank, world = init_ranks()
+    rank, world = distributed.join(cfg.run.comm_timeout_minutes)
     torch.manual_seed(cfg.seed)
-    student, tokenizer = load_export(round_dir / "export", teacher_path=cfg.model.llm.path)
-    student = student.to(device())
+    student, tokenizer = load_export(round_dir / "export", teacher_path=cfg.model.llm.path, dtype=cfg.model.llm.dtype)
+    student = student.to(distributed.device())
     cascade = has_ctc_head(student, cfg.loss.ctc_weight)
     result: dict = {"tasks": {}} | ({"cascade": {}, "cascade_wer": {}} if cascade else {})
     for task in cfg.eval.tasks:
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         atomic_write_json(round_dir / "eval.json", result)
         print(f"wrote {round_dir / 'eval.json'}", file=sys.stderr)
-    finish()
+    distributed.finish()
     return 0
 
 

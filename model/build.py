@@ -19,6 +19,7 @@ from model.speech_lm import SpeechLM
 from train.config import from_dict, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 LoadContext = Callable[[], AbstractContextManager]   # entered around each from_pretrained of the LLM
 
 
@@ -31,7 +32,9 @@ class LLMConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The dtype the LLM is loaded in outside training (eval, selection, the teacher cache; its teacher alike):
+    # auto is bfloat16 on GPUs that have it, else float32. Training loads it in train.precision's dtype.
+    dtype: DtypeName = "auto"
 
     def __post_init__(self) -> None:
         require(bool(self.path), "path", "a local model folder is required")
@@ -47,6 +50,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False
 
 
+def resolve_dtype(name: DtypeName) -> torch.dtype:
+    """A dtype name of the configs; ``auto``: bfloat16 on a GPU that has it, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
 def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(cfg.llm.path)
 
@@ -54,7 +64,7 @@ def load_tokenizer(cfg: ModelConfig):
 def load_llm(cfg: LLMConfig, context: LoadContext = nullcontext) -> torch.nn.Module:
     """The causal LM from its local folder, read inside ``context()`` (the trainer's one partitions it)."""
     with context():
-        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=DTYPES[cfg.dtype])
+        return AutoModelForCausalLM.from_pretrained(cfg.path, dtype=resolve_dtype(cfg.dtype))
 
 
 def _frozen(module: torch.nn.Module) -> torch.nn.Module:
@@ -85,26 +95,32 @@ def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext, wi
         _frozen(llm)
         lora = LoraConfig(r=cfg.llm.lora_r, lora_alpha=cfg.llm.lora_alpha, lora_dropout=cfg.llm.lora_dropout,
                           target_modules=cfg.llm.lora_targets, bias="none")
-        llm = get_peft_model(llm, lora)
+        # LoRA weights in the LLM's dtype (peft would upcast them to float32): under ZeRO-3 every trained weight
+        # must have the engine's one dtype
+        llm = get_peft_model(llm, lora, autocast_adapter_dtype=False)
     else:
         _frozen(llm)
-    if cfg.gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:   # recomputes only in train mode (model.train(); the trainer's engine does it)
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     encoder = build_encoder(cfg.encoder)
     hidden = llm.get_input_embeddings().embedding_dim
-    adapter = Adapter(cfg.adapter, in_dim=encoder.dim, out_dim=hidden).to(DTYPES[cfg.llm.dtype])
+    dtype = resolve_dtype(cfg.llm.dtype)
+    adapter = Adapter(cfg.adapter, in_dim=encoder.dim, out_dim=hidden).to(dtype)
     if cfg.gradient_checkpointing:
         adapter.set_gradient_checkpointing(True)
     model = SpeechLM(llm, encoder, adapter, teacher=teacher)
-    model.boundary.data = model.boundary.data.to(DTYPES[cfg.llm.dtype])
+    model.boundary.data = model.boundary.data.to(dtype)
     return model
 
 
-def load_export(folder: str | Path, teacher_path: str | None = None) -> tuple[SpeechLM, object]:
+def load_export(folder: str | Path, teacher_path: str | None = None,
+                dtype: DtypeName = "float32") -> tuple[SpeechLM, object]:
     """A model directory written by ``train.export``: plain torch + transformers, no DeepSpeed.
 
     With ``teacher_path`` (the original LLM), the model gets it as its frozen teacher (evaluation's
-    teacher_text, the diagnostics F and D); the export's own LLM has LoRA merged, so it cannot be it."""
+    teacher_text, the diagnostics F and D); the export's own LLM has LoRA merged, so it cannot be it.
+    LLM, adapter and teacher are in ``dtype`` (one dtype for both sides, so that a gap or a KL between them
+    never measures precision); the encoder keeps its own (``encoder.dtype``)."""
     folder = Path(folder)
     config_path = folder / "speech_config.json"
     if not config_path.is_file():
@@ -113,13 +129,14 @@ def load_export(folder: str | Path, teacher_path: str | None = None) -> tuple[Sp
     encoder_cfg = from_dict(EncoderConfig, config["encoder"], "encoder")
     if encoder_cfg.path:
         encoder_cfg.path = str(folder / encoder_cfg.path)
-    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"))
+    torch_dtype = resolve_dtype(dtype)
+    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=torch_dtype)
     encoder = build_encoder(encoder_cfg)
     adapter = Adapter(from_dict(AdapterConfig, config["adapter"], "adapter"), in_dim=encoder.dim,
                       out_dim=llm.get_input_embeddings().embedding_dim)
-    teacher = _frozen(AutoModelForCausalLM.from_pretrained(teacher_path)) if teacher_path else None
+    teacher = _frozen(AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype)) if teacher_path else None
     model = _frozen(SpeechLM(llm, encoder, adapter, teacher=teacher))
     weights = load_file(str(folder / "speech.safetensors"))
     model.adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in weights.items() if k != "boundary"})
     model.boundary.data.copy_(weights["boundary"])
-    return model, AutoTokenizer.from_pretrained(str(folder / "llm"))
+    return model.to(torch_dtype), AutoTokenizer.from_pretrained(str(folder / "llm"))

@@ -117,7 +117,11 @@ class SpeechLM(nn.Module):
                  teacher: nn.Module | None = None) -> None:
         super().__init__()
         self.llm = llm
-        self.encoder = encoder
+        # The frozen encoder is held outside the module tree (nn.Module does not register an attribute set this
+        # way): a training engine would partition it and cast it to the training precision (Mimi in bf16 is
+        # numerically fragile), and it needs neither (no gradient, tens of millions of weights). It keeps its own
+        # dtype (``encoder.dtype``) and follows the model's moves between devices (``_apply``).
+        object.__setattr__(self, "encoder", encoder)
         self.adapter = adapter
         self.teacher = teacher
         hidden = llm.get_input_embeddings().embedding_dim
@@ -126,6 +130,20 @@ class SpeechLM(nn.Module):
         # this module, so that ZeRO-3 gathers all three during forward and exports carry them together.
         std = float(getattr(llm.config, "initializer_range", 0.02))
         self.boundary = nn.Parameter(torch.randn(3, hidden) * std)
+
+    # ---- modes and devices ------------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        """``to``/``cuda``/``cpu``/casts: the encoder goes to the device the rest goes to, in its own dtype."""
+        self.encoder.to(fn(torch.empty(0)).device)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> SpeechLM:
+        """What trains is in train mode (LLM, adapter: dropout, activation checkpointing); a separate teacher and
+        the encoder always stay in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
 
     # ---- pieces -------------------------------------------------------------------------------
     def vectors_for(self, samples: int) -> int:
@@ -146,11 +164,20 @@ class SpeechLM(nn.Module):
 
     @contextlib.contextmanager
     def teacher_mode(self) -> Iterator[None]:
-        """No grad, and LoRA adapters off when the teacher is the student's own weights."""
-        disable = (self.llm.disable_adapter() if self.teacher is None and hasattr(self.llm, "disable_adapter")
-                   else contextlib.nullcontext())
-        with torch.no_grad(), disable:
-            yield
+        """No grad; when the teacher is the student's own weights, LoRA adapters off and the LLM in eval mode
+        (no dropout) for the block."""
+        if self.teacher is not None:
+            with torch.no_grad():
+                yield
+            return
+        disable = self.llm.disable_adapter() if hasattr(self.llm, "disable_adapter") else contextlib.nullcontext()
+        was_training = self.llm.training
+        self.llm.eval()
+        try:
+            with torch.no_grad(), disable:
+                yield
+        finally:
+            self.llm.train(was_training)
 
     def speech_vectors(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode and adapt every speech span of a batch at once: [S, n, H] and vectors per span [S]."""

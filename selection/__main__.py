@@ -100,13 +100,13 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels:
     from model.build import load_export
     from selection.probe import probe_texts, score_clusters
     from shards.format import atomic_write_json
-    from train.dist import device
+    from train import distributed
     from train.objective import Objective
 
     sel = cfg.selection
     student, tokenizer = load_export(cfg.run.path() / f"round-{round_ - 1}" / "export",
-                                     teacher_path=cfg.model.llm.path)
-    student = student.to(device())
+                                     teacher_path=cfg.model.llm.path, dtype=cfg.model.llm.dtype)
+    student = student.to(distributed.device())
     probes = {c: [texts[i] for i in idx] for c, idx in probe_texts(labels, sel.probes, cfg.seed + round_).items()}
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
@@ -123,15 +123,15 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     from selection.allocate import allocate, allocation_table, target_shares
     from shards.build import synthesize_documents
     from shards.format import atomic_write_bytes, atomic_write_json
+    from train import distributed
     from train.data import ShardSetRef, append_speech_set
-    from train.dist import barrier, init_ranks
 
     sel = cfg.selection
     if round_ < 1:
         raise ValueError("--round: selection runs for rounds >= 1 (it uses the previous round's student)")
     if sel.strategy != "natural" and not sel.pool:
         raise ConfigError("selection.pool: a text pool is required")
-    rank, world = init_ranks()
+    rank, world = distributed.join(cfg.run.comm_timeout_minutes)
     console = Console(stderr=True)
     run_dir = cfg.run.path()
     out = run_dir / f"round-{round_}" / "selection"
@@ -145,7 +145,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
             (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": 0, "budget_s": 0.0}) + "\n")
             console.print(f"round {round_}: natural-speech control: nothing selected, the round trains on the "
                           "natural speech only")
-        barrier()
+        distributed.barrier()
         return out
 
     texts, labels = cluster_pool(cfg, out, rank, world)
@@ -178,7 +178,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
                                 + "\n")
         console.print(f"round {round_}: {sel.strategy} selection of {len(chosen)} texts (~{budget:.0f} s) from {k} "
                       f"clusters -> {shards}")
-    barrier()
+    distributed.barrier()
     return out
 
 
@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from train.dist import finish
+    from train import distributed
 
-    finish()
+    distributed.finish()
     return 0
 
 

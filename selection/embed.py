@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from shards import sources
 from shards.format import atomic_write_bytes, read_index, read_shard, shard_urls
+from train import distributed
 from train.config import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a model hub
@@ -166,20 +166,20 @@ def embed_texts(texts: list[str], cfg: EmbedConfig, rank: int = 0, world: int = 
     merged = _load(cache, len(texts))
     if merged is not None:
         return merged
-    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    grouped = world > 1 and distributed.active()
     own = embed_part(texts, cfg, rank, world, cache, show=rank == 0)
     if world == 1:
         return own
-    if distributed:
-        dist.barrier()
+    if grouped:
+        distributed.barrier()
     parts = [embed_part(texts, cfg, r, world, cache) for r in range(world)]
     merged = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
     for r, part in enumerate(parts):
         merged[r::world] = part
     if rank == 0:
         _save(cache, merged)
-    if distributed:
-        dist.barrier()  # every rank has read every part
+    if grouped:
+        distributed.barrier()  # every rank has read every part
     if rank == 0:
         for r in range(world):
             _part_path(cache, r, world).unlink(missing_ok=True)

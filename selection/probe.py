@@ -12,13 +12,11 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from model.inputs import SPEECH, TEXT, Document, Span, pack
 from shards.tts import TTSConfig, TTSError, synthesize_many
-from train.objective import Objective
-
-SCORES = {"M": (0, 1), "F": (2, 3), "D": (4, 1)}   # (sum index, count index) in Objective.diagnostics
+from train import distributed
+from train.objective import DIAGNOSTIC_SUMS, Objective, diagnostic_means
 
 
 def probe_texts(labels: np.ndarray, per_cluster: int, seed: int) -> dict[int, list[int]]:
@@ -64,8 +62,8 @@ def score_clusters(objective: Objective, probes: dict[int, list[str]], tokenizer
                    progress: Callable[[], None] | None = None) -> dict[int, dict[str, float]]:
     """M, F and D per cluster (means over its probe positions); clusters are split across ranks."""
     clusters = sorted(probes)
-    sums = torch.zeros(len(clusters), 5)
     model = objective.model
+    sums = torch.zeros(len(clusters), len(DIAGNOSTIC_SUMS), dtype=torch.float64, device=model.boundary.device)
     for j in range(rank, len(clusters), world):
         docs = probe_documents(probes[clusters[j]], tokenizer, tts, sample_rate, workers, variant_base=j)
         if docs:
@@ -73,7 +71,6 @@ def score_clusters(objective: Objective, probes: dict[int, list[str]], tokenizer
             sums[j] = objective.diagnostics(batch)
         if progress:
             progress()
-    if world > 1:
-        dist.all_reduce(sums)
-    return {c: {name: float(sums[j, s] / sums[j, n].clamp(min=1)) for name, (s, n) in SCORES.items()}
-            | {"positions": int(sums[j, 1])} for j, c in enumerate(clusters)}
+    distributed.all_reduce(sums)
+    aligned = DIAGNOSTIC_SUMS.index("aligned")
+    return {c: diagnostic_means(sums[j]) | {"positions": int(sums[j, aligned])} for j, c in enumerate(clusters)}

@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -114,32 +113,25 @@ class _CheckedReader:
         return None
 
 
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class ShardStream(IterableDataset):
     """Chunks from several shard sets mixed by weight, each sample once per epoch across ranks x workers.
 
-    ``sets``: ``[(folder or URL list, weight), ...]``. ``epochs=None`` streams forever (training).
+    ``sets``: ``[(folder or URL list, weight), ...]``; this stream is ``rank`` of ``world`` (the caller's share).
+    ``epochs=None`` streams forever (training).
     ``skip``: samples this rank already consumed through a DataLoader (batch_size=None) with the same
     world size, worker count and arguments; the stream then continues exactly where it stopped (in
     finite mode: as long as no worker had run out).
     """
 
     def __init__(self, sets: list[tuple[str | os.PathLike | list[str], float]], cfg: StreamConfig | None = None,
-                 seed: int = 0, rank: int | None = None, world: int | None = None, epochs: int | None = None,
+                 seed: int = 0, rank: int = 0, world: int = 1, epochs: int | None = None,
                  skip: int = 0, decode_audio: bool = True) -> None:
         super().__init__()
         if not sets:
             raise ValueError("ShardStream: no shard sets given")
         self.sets = [_load_set(source, weight) for source, weight in sets]
         self.cfg = cfg or StreamConfig()
-        default_rank, default_world = _distributed()
-        self.rank = default_rank if rank is None else rank
-        self.world = default_world if world is None else world
+        self.rank, self.world = rank, world
         if not 0 <= self.rank < self.world:
             raise ValueError(f"ShardStream: rank {self.rank} outside world size {self.world}")
         if (epochs is not None and epochs < 0) or skip < 0:

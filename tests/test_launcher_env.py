@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.engine import rank_env
+from train.distributed import rank_env
 
 
 def test_torchrun_and_deepspeed_ranks_are_left_alone():

@@ -26,7 +26,7 @@ import pytest
 
 from tests.conftest import kill_tree
 from tests.test_train import COMMON, REPO, env, metrics
-from train.engine import _free_port
+from train.distributed import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_hostfile_launch_on_two_nodes_trains_and_partitions(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two names for this machine: node 0 and node 1, one rank each\n"
                         "localhost slots=1\n127.0.0.1 slots=1\n")
-    run_dir, port = tmp_path / "runs", _free_port()
+    run_dir, port = tmp_path / "runs", free_port()
     logs = [(tmp_path / f"node{n}.log").open("w") for n in range(2)]
     nodes = [subprocess.Popen(node_cmd(hostfile, n, port, run_dir), cwd=REPO, env=env(), start_new_session=True,
                               stdout=logs[n], stderr=subprocess.STDOUT) for n in range(2)]

@@ -66,11 +66,12 @@ def worker(tiny_dir: str, out_dir: str) -> None:
     """(a) partitioned vs plain loading, fp32 and bf16; (b) full mode with a partitioned teacher trains."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from train.engine import build_engine, init_distributed
+    from train import distributed
+    from train.engine import build_engine
     from train.objective import LossConfig, Objective
 
     torch.set_num_threads(1)
-    rank, world = init_distributed()
+    rank, world = distributed.join(deepspeed=True)
     fp32 = TrainConfig(max_steps=STEPS, warmup_steps=0, decay_fraction=0.0, lr_adapter=3e-3, lr_llm=3e-3)
     cfg = ModelConfig(llm=LLMConfig(path=tiny_dir, mode="full"), encoder=EncoderConfig(kind="mel"),
                       adapter=AdapterConfig(stack=4, layers=1, width=32, mlp=64, heads=2, kv_heads=1))
@@ -105,7 +106,7 @@ def worker(tiny_dir: str, out_dir: str) -> None:
     out["teacher_after_vs_plain"] = max_diff(model.teacher, plain, logits=False)
     out["student_after_vs_plain"] = max_diff(model.llm, plain, logits=False)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
-    torch.distributed.destroy_process_group()
+    distributed.finish()
 
 
 # ---------------------------------------------------------------------------------------------- tests

@@ -10,15 +10,14 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
+from train import distributed
 
 PERIODIC_PREFIX = "step-"
 
 
 def save(engine, folder: Path, tag: str, step: int, consumed: dict[str, int]) -> None:
     """Collective: every rank writes its ZeRO partition; the data positions of all ranks go along."""
-    positions: list = [None] * dist.get_world_size()
-    dist.all_gather_object(positions, consumed)
+    positions = distributed.all_gather_object(consumed)
     engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step, "consumed": positions},
                            exclude_frozen_parameters=True)
 
@@ -30,7 +29,7 @@ def resume(engine, folder: Path, tag: str | None = None) -> tuple[int, dict[str,
     path, state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     if path is None:
         return None
-    return state["step"], state["consumed"][dist.get_rank()]
+    return state["step"], state["consumed"][distributed.rank()]
 
 
 def prune(folder: Path, keep: int) -> None:

@@ -38,8 +38,12 @@ def require(condition: bool, key: str, reason: str) -> None:
 class RunConfig:
     name: str = "default"
     dir: str = "runs"
+    # How long a rank may wait in a collective for the others (e.g. while rank 0 consolidates a 7B checkpoint
+    # for export); torch's own default, 10 minutes, is too short for that.
+    comm_timeout_minutes: float = 60.0
 
     def __post_init__(self) -> None:
+        require(self.comm_timeout_minutes > 0, "comm_timeout_minutes", "must be > 0")
         require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
                 f"must be a plain folder name, got {self.name!r}")
 

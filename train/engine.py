@@ -1,4 +1,4 @@
-"""DeepSpeed set-up: distributed init, the merged DeepSpeed config, parameter groups, the engine.
+"""DeepSpeed set-up: the merged DeepSpeed config, parameter groups, the engine.
 
 The DeepSpeed JSON files hold what only DeepSpeed needs (ZeRO stage, offload, buckets); the YAML
 owns learning rates, batch, accumulation, clipping and precision, which are merged in here.
@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
@@ -44,6 +42,7 @@ class TrainConfig:
     keep_checkpoints: int = 2        # periodic checkpoints kept (pre-decay and final are always kept)
     diagnostics_every: int = 0       # log M and F on a held-out batch (eval.heldout) every N steps; 0: off
     stage2_steps: int = 0            # optimizer steps of each stage-II round (>= 1); 0: max_steps
+    export_tolerance: float = 0.0    # largest relative logit difference, engine vs export; 0: by dtype (export.py)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):
@@ -51,6 +50,7 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.diagnostics_every >= 0, "diagnostics_every", "must be >= 0")
         require(self.stage2_steps >= 0, "stage2_steps", "must be >= 0")
+        require(self.export_tolerance >= 0, "export_tolerance", "must be >= 0")
         require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
         require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
 
@@ -62,55 +62,16 @@ class TrainConfig:
         return dataclasses.replace(self, max_steps=self.stage2_steps or self.max_steps, warmup_steps=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Where MPI-style launchers (deepspeed --launcher openmpi|mpich|mvapich|slurm, mpirun, srun) put a process's
-# rank, world size and local rank; torchrun and the deepspeed/pdsh launcher set RANK themselves.
-LAUNCHER_RANK_VARS = {
-    "OMPI_COMM_WORLD_RANK": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-    "PMI_RANK": ("PMI_SIZE", "MPI_LOCALRANKID"),
-    "SLURM_PROCID": ("SLURM_NTASKS", "SLURM_LOCALID"),
-}
-
-
-def rank_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The RANK/WORLD_SIZE/LOCAL_RANK variables torch.distributed needs, from whichever launcher started this
-    process; a one-rank world on a free local port when none did."""
-    if "RANK" in env:
-        return {}
-    for rank_var, (size_var, local_var) in LAUNCHER_RANK_VARS.items():
-        if rank_var in env:
-            if "MASTER_ADDR" not in env:
-                raise RuntimeError(f"{rank_var} is set (an MPI/Slurm launcher) but MASTER_ADDR is not: export "
-                                   "MASTER_ADDR (the first node's address) and MASTER_PORT to every rank, e.g. "
-                                   "in .deepspeed_env (README: Scale-out)")
-            return {"RANK": env[rank_var], "WORLD_SIZE": env.get(size_var, "1"),
-                    "LOCAL_RANK": env.get(local_var, "0"), "MASTER_PORT": env.get("MASTER_PORT", "29500")}
-    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port())}
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group (torchrun, deepspeed, mpirun, srun), or make a one-rank group when
-    no launcher started this process."""
-    import deepspeed
-
-    os.environ.update(rank_env(os.environ))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
 def use_bf16(cfg: TrainConfig) -> bool:
     if cfg.precision == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return cfg.precision == "bf16"
+
+
+def train_dtype(cfg: TrainConfig) -> Literal["bfloat16", "float32"]:
+    """The dtype of every weight in the engine: ZeRO-3 partitions what it loads in the precision's dtype and
+    requires every trained weight to share it, so the LLM, LoRA, adapter and boundaries are all built in it."""
+    return "bfloat16" if use_bf16(cfg) else "float32"
 
 
 def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
@@ -164,6 +125,15 @@ def llm_init(cfg: TrainConfig, world: int) -> Callable[[], AbstractContextManage
     return lambda: _zero3_loading(ds)
 
 
+def build_model(model_cfg, cfg: TrainConfig, world: int):
+    """The SpeechLM to train (``model.build.build_speech_lm``): every weight in the engine's dtype (``train_dtype``,
+    whatever ``model.llm.dtype`` says), the LLM partitioned as it loads under ZeRO-3 (``llm_init``)."""
+    from model.build import build_speech_lm
+
+    llm = dataclasses.replace(model_cfg.llm, dtype=train_dtype(cfg))
+    return build_speech_lm(dataclasses.replace(model_cfg, llm=llm), llm_init(cfg, world))
+
+
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Adapter and boundaries at ``lr_adapter``, LLM (LoRA or full) at ``lr_llm``; no decay on 1-d params."""
     groups: dict[tuple[bool, bool], list] = {}
@@ -177,13 +147,60 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
             for (is_llm, decay), ps in sorted(groups.items())]
 
 
-def build_engine(objective: torch.nn.Module, cfg: TrainConfig, world: int):
-    """The DeepSpeed engine around the whole objective, with the WSD schedule per optimizer step."""
-    import deepspeed
+def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, torch.Tensor]]:
+    """(full name, owner, name in owner, tensor) of every parameter and buffer, the frozen encoder's included
+    (``SpeechLM`` holds it beside its module tree)."""
+    from model.speech_lm import SpeechLM
 
+    for prefix, module_ in module.named_modules():
+        owners = [(prefix, module_)]
+        if isinstance(module_, SpeechLM):
+            owners += module_.encoder.named_modules(prefix=f"{prefix}.encoder" if prefix else "encoder")
+        for owner_name, owner in owners:
+            for store in (owner._parameters, owner._buffers):
+                for name, tensor in store.items():
+                    if tensor is not None:
+                        yield f"{owner_name}.{name}" if owner_name else name, owner, name, tensor
+
+
+def place(module: torch.nn.Module, device: torch.device) -> None:
+    """Move every buffer and every parameter ZeRO-3 has not partitioned to ``device``.
+
+    Why: DeepSpeed never calls ``module.to(device)`` on a model built under ``zero.Init`` (it moves the
+    partitioned parameters itself), so what was built outside it (adapter, boundaries, LoRA, the encoder, and
+    buffers such as the mel window or rotary frequencies) would stay on the CPU and fail the first GPU forward.
+    """
+    for _, owner, name, tensor in _tensors(module):
+        if hasattr(tensor, "ds_id") or tensor.device == device:
+            continue
+        if name in owner._buffers:
+            owner._buffers[name] = tensor.to(device)
+        else:
+            tensor.data = tensor.data.to(device)
+
+
+def check_placement(module: torch.nn.Module, device: torch.device) -> None:
+    """Raise, naming them, if parameters or buffers lie off ``device`` (partitioned parameters are DeepSpeed's)."""
+    stray = [f"{name} ({tensor.device})" for name, _, _, tensor in _tensors(module)
+             if not hasattr(tensor, "ds_id") and tensor.device != device]
+    if stray:
+        raise RuntimeError(f"{len(stray)} tensors are not on the engine's device {device}: {', '.join(stray[:8])}")
+
+
+def build_engine(objective: torch.nn.Module, cfg: TrainConfig, world: int):
+    """The DeepSpeed engine around the whole objective, with the WSD schedule per optimizer step, every tensor on
+    the engine's device, and the model in train mode (``from_pretrained`` gives eval mode, in which transformers
+    skips activation checkpointing; the frozen encoder and a separate teacher stay in eval mode)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    device = torch.device(get_accelerator().current_device_name())
+    place(objective, device)
     factor = partial(wsd_factor, max_steps=cfg.max_steps, warmup_steps=cfg.warmup_steps,
                      decay_fraction=cfg.decay_fraction)
     engine, _, _, _ = deepspeed.initialize(
         model=objective, model_parameters=param_groups(objective, cfg), config=deepspeed_config(cfg, world),
         lr_scheduler=lambda opt: LambdaLR(opt, factor))
+    check_placement(engine.module, engine.device)
+    engine.train()
     return engine

@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from model.build import build_speech_lm, load_tokenizer
+from train import distributed
+from train.engine import TrainConfig, train_dtype
 from train.experiment import ExperimentConfig
 
 OBJECTIVE_PREFIX = "model."   # the engine wraps train.objective.Objective, whose SpeechLM is `.model`
@@ -61,24 +63,52 @@ def export(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
     return out
 
 
+EXPORT_TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2}   # relative logit difference, engine vs export
+CHECK_POSITIONS = 256   # positions whose logits the check compares: [positions, vocabulary] floats at most
+CHECK_CHUNK = 32        # positions projected to the vocabulary at once
+
+
 @torch.no_grad()
-def probe_logits(model, batch) -> torch.Tensor:
-    """Student logits at the valid positions of a batch (collective under ZeRO-3: all ranks call it)."""
+def sampled_logits(model, batch, positions: int = CHECK_POSITIONS) -> torch.Tensor:
+    """float32 student logits at up to ``positions`` valid positions spread evenly over the batch, projected a
+    chunk at a time (on the CPU): never [all positions, vocabulary] at once. Collective under ZeRO-3."""
     hidden, layout = model(batch)
-    return model.student_head(hidden[layout.student_mask]).float()
+    valid = hidden[layout.student_mask]
+    pick = torch.linspace(0, len(valid) - 1, min(positions, len(valid)), device=valid.device).round().long()
+    return torch.cat([model.student_head(part).float().cpu() for part in valid[pick].split(CHECK_CHUNK)])
 
 
-def verify_export(engine_model, export_dir: Path, batch, rank: int) -> float | None:
-    """Max |logit difference| between the engine's model and the exported one on ``batch``, relative to the
-    largest logit (rank 0; None elsewhere)."""
+def check_export(engine_model, export_dir: Path, batch, cfg: TrainConfig, rank: int) -> dict:
+    """Compare the exported model (reloaded on rank 0, in the engine's dtype) with the engine's on ``batch``.
+
+    Returns the verdict every rank writes into ``DONE``; raises on every rank when the largest logit difference,
+    relative to the largest logit, exceeds the tolerance. The round's final checkpoint stays, so a rerun exports
+    and checks again without training; ``train.export_tolerance`` accepts a larger difference."""
     from model.build import load_export
+    from train.objective import evaluating
 
-    was_training = engine_model.training
-    engine_model.eval()
-    reference = probe_logits(engine_model, batch)
-    engine_model.train(was_training)
-    if rank != 0:
-        return None
-    exported, _ = load_export(export_dir)
-    diff = (probe_logits(exported, batch.to("cpu")) - reference.cpu()).abs().max()
-    return float(diff / reference.abs().max().clamp(min=1.0).cpu())
+    dtype = train_dtype(cfg)
+    with evaluating(engine_model):
+        reference = sampled_logits(engine_model, batch)
+    verdict = None
+    if rank == 0:
+        exported, _ = load_export(export_dir, dtype=dtype)
+        got = sampled_logits(exported.to(batch.unit_token.device), batch)
+        del exported
+        error = (got - reference).abs()
+        worst = int(error.max(1).values.argmax())
+        verdict = {"export_max_logit_diff": float(error.max() / reference.abs().max().clamp(min=1.0)),
+                   "export_tolerance": cfg.export_tolerance or EXPORT_TOLERANCE[dtype], "export_dtype": dtype,
+                   "export_positions": len(reference),
+                   "worst_position": {"index": worst, "engine_top": reference[worst].topk(5).indices.tolist(),
+                                      "export_top": got[worst].topk(5).indices.tolist()}}
+    verdict = distributed.broadcast_object(verdict)
+    if verdict["export_max_logit_diff"] > verdict["export_tolerance"]:
+        raise RuntimeError(
+            f"{export_dir}: the exported model's logits differ from the trained model's by "
+            f"{verdict['export_max_logit_diff']:.3g} (relative to the largest logit; tolerance "
+            f"{verdict['export_tolerance']:g} in {dtype}) over {verdict['export_positions']} positions; at the worst "
+            f"one the top tokens are {verdict['worst_position']['engine_top']} (engine) vs "
+            f"{verdict['worst_position']['export_top']} (export). Training is complete and its final checkpoint "
+            f"kept: rerun to export and check again, or accept the export with train.export_tolerance=<larger>.")
+    return verdict

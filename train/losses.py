@@ -32,21 +32,21 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, distributed
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from train import distributed
 
 Head = Callable[[Tensor], Tensor]
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _num_chunks(n: int, chunk_size: int, sync_ranks: bool, device: torch.device) -> int:
-    """At least one chunk (so every rank calls the head even with N = 0); the max over ranks if synced."""
+def _num_chunks(n: int, chunk_size: int, sync_ranks: bool) -> int:
+    """At least one chunk (so every rank calls the head even with N = 0); the max over ranks if synced (a CPU
+    tensor: it goes through the CPU group, never waiting for the GPU's queue)."""
     count = max(1, -(-n // chunk_size))
-    if sync_ranks and distributed.is_available() and distributed.is_initialized() \
-            and distributed.get_world_size() > 1:
-        total = torch.tensor(count, device=device)
-        distributed.all_reduce(total, op=distributed.ReduceOp.MAX)
-        count = int(total.item())
+    if sync_ranks:
+        count = int(distributed.all_reduce(torch.tensor(count), "max"))
     return count
 
 
@@ -59,7 +59,7 @@ def _chunked_rows(fn: Callable[..., Tensor], rows: tuple[Tensor, ...], chunk_siz
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size: must be >= 1, got {chunk_size}")
-    n_chunks = _num_chunks(rows[0].shape[0], chunk_size, sync_ranks, rows[0].device)
+    n_chunks = _num_chunks(rows[0].shape[0], chunk_size, sync_ranks)
     run = partial(checkpoint, fn, use_reentrant=False) if torch.is_grad_enabled() else fn
     return torch.cat([run(*part) for part in zip(*(r.tensor_split(n_chunks) for r in rows), strict=True)])
 

@@ -12,14 +12,17 @@ pass for batches that carry them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor, distributed, nn
+from torch import Tensor, nn
 
 from model.inputs import Batch, Layout, document_positions
 from model.speech_lm import SpeechLM
+from train import distributed
 from train.config import require
 from train.losses import (
     chunked_kl,
@@ -82,9 +85,9 @@ class Objective(nn.Module):
         if cfg.teacher_cache == "off" or cfg.teacher_context != "document":
             return None
         targets = batch.teacher
-        usable = torch.tensor(float(targets is not None), device=layout.teacher_ids.device)
-        if self.distributed and distributed.is_initialized():
-            distributed.all_reduce(usable, op=distributed.ReduceOp.MIN)
+        usable = torch.tensor(float(targets is not None))
+        if self.distributed:
+            distributed.all_reduce(usable, "min")
         if not usable:
             return None
         doc, pos = document_positions(batch, layout.teacher_len)
@@ -112,9 +115,9 @@ class Objective(nn.Module):
         if cfg.alpha < 1:
             nll = nll_loss(student_at, self.model.student_head, layout.map_target, cfg.chunk_size,
                            sync_ranks=self.distributed)
+        # With nothing to predict the loss is 0, and it still runs through the (empty) head chunks: under ZeRO-3
+        # backward recomputes them, gathering the head as the other ranks do. Never replace it by a constant.
         loss = combine(dist, nll, cfg.alpha)
-        if not layout.map_row.numel():   # nothing to predict: keep the graph (every rank must backward)
-            loss = hidden.sum() * 0.0
         ctc = None
         if cfg.ctc_weight > 0:   # every rank, speech or not: the head calls are collectives under ZeRO-3
             ctc = ctc_alignment_loss(speech.vectors, speech.blank_logits, speech.lengths, batch.span_tokens,
@@ -129,15 +132,17 @@ class Objective(nn.Module):
 
     @torch.no_grad()
     def diagnostics(self, batch: Batch) -> torch.Tensor:
-        """Sums on a held-out batch: [M, aligned positions, F, text positions, D].
+        """Sums on a held-out batch, in the order of ``DIAGNOSTIC_SUMS`` (float64, on the model's device).
 
         M = KL(student(text) || student(speech)) and D = KL(teacher(text) || student(speech)) at the aligned
         positions of the interleaved layout; F = KL(teacher(text) || student(text)) at every text position.
-        Sums, so that ranks, batches and probe documents add up.
+        Sums, so that ranks, batches and probe documents add up; ``diagnostic_means`` turns them into M, F, D.
+        Evaluated in eval mode (no dropout), whatever mode the model is in.
         """
-        hidden, layout = self.model(batch)
-        student_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=False)
-        teacher_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
+        with evaluating(self.model):
+            hidden, layout = self.model(batch)
+            student_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=False)
+            teacher_text = self.model.text_hidden(layout.teacher_ids, layout.teacher_mask, teacher=True)
         chunk, sync = self.cfg.chunk_size, self.distributed
         speech = hidden[layout.map_row, layout.map_student]
         head = self.model.student_head
@@ -148,4 +153,27 @@ class Objective(nn.Module):
         mask = layout.teacher_mask
         f = forgetting(teacher_text[mask], student_text[mask], self.teacher_head, head, chunk, reduction="sum",
                        sync_ranks=sync)
-        return torch.tensor([float(m), float(layout.map_row.numel()), float(f), float(mask.sum()), float(d)])
+        sums = {"M": m, "aligned": layout.map_row.numel(), "F": f, "text": mask.sum(), "D": d}
+        return torch.stack([torch.as_tensor(sums[name], dtype=torch.float64, device=hidden.device)
+                            for name in DIAGNOSTIC_SUMS])
+
+
+DIAGNOSTIC_SUMS = ("M", "aligned", "F", "text", "D")   # Objective.diagnostics: KL sums and their position counts
+DIAGNOSTIC_MEANS = {"M": "aligned", "F": "text", "D": "aligned"}   # each diagnostic: its sum over its count
+
+
+def diagnostic_means(sums: torch.Tensor) -> dict[str, float]:
+    """M, F and D from (rank-summed) ``Objective.diagnostics`` sums; 0 where a count is 0."""
+    named = dict(zip(DIAGNOSTIC_SUMS, sums.tolist(), strict=True))
+    return {name: named[name] / max(named[count], 1.0) for name, count in DIAGNOSTIC_MEANS.items()}
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)

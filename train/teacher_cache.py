@@ -36,7 +36,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from model.build import resolve_dtype
 from model.inputs import Batch, Document, InputsConfig, interleave, text_document
 from shards.format import (
     ShardFormatError,
@@ -58,6 +58,7 @@ from shards.format import (
     read_shard,
     shard_urls,
 )
+from train import distributed
 from train.losses import topk_log_probs
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ def teacher_stamp(cfg, tokenizer, top_k: int | None = None, logp_dtype: str | No
                if p.suffix in (".safetensors", ".bin")}
     return {"version": VERSION, "model": str(folder.resolve()),
             "model_config_sha256": _sha256(config.read_bytes()), "weights": weights,
-            "llm_dtype": cfg.model.llm.dtype, "tokenizer_sha256": tokenizer_hash(tokenizer),
+            "llm_dtype": str(resolve_dtype(cfg.model.llm.dtype)).removeprefix("torch."),
+            "tokenizer_sha256": tokenizer_hash(tokenizer),
             "bos_token_id": tokenizer.bos_token_id, "temperature": cfg.loss.temperature,
             "context": cfg.inputs.context, "top_k": top_k, "logp_dtype": logp_dtype}
 
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=64, help="tokens kept per position (default 64)")
     parser.add_argument("--dtype", choices=sorted(LOGP_DTYPES), default="float16",
                         help="of the stored log-probabilities (default float16)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="default: this rank's GPU (its local rank), else the CPU")
     parser.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     args, cfg = parse_job(parser, argv)
     if args.top_k < 1 or args.batch_tokens < 1:
@@ -412,10 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     text_sets = {str(Path(r.path).resolve()) for r in cfg.data.text}
     sets = ([(s, str(Path(s).resolve()) in text_sets) for s in args.set] if args.set
             else default_sets(cfg, args.round))
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    rank, world, _ = distributed.launcher_ranks()   # ranks work apart: no process group
+    device = torch.device(args.device) if args.device else distributed.device()
     try:
         counts = build_cache(cfg, sets, args.top_k, args.dtype, device, args.batch_tokens, rank, world,
                              progress=rank == 0)
