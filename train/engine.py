@@ -175,8 +175,8 @@ def place(module: torch.nn.Module, device: torch.device) -> None:
             continue
         if name in owner._buffers:
             owner._buffers[name] = tensor.to(device)
-        else:
-            tensor.data = tensor.data.to(device)
+        else:   # the same Parameter object (optimizer groups and tied weights keep pointing at it), moved
+            torch.utils.swap_tensors(tensor, torch.nn.Parameter(tensor.detach().to(device), tensor.requires_grad))
 
 
 def check_placement(module: torch.nn.Module, device: torch.device) -> None:

@@ -71,11 +71,13 @@ CHECK_CHUNK = 32        # positions projected to the vocabulary at once
 @torch.no_grad()
 def sampled_logits(model, batch, positions: int = CHECK_POSITIONS) -> torch.Tensor:
     """float32 student logits at up to ``positions`` valid positions spread evenly over the batch, projected a
-    chunk at a time (on the CPU): never [all positions, vocabulary] at once. Collective under ZeRO-3."""
+    chunk at a time (on the CPU): never [all positions, vocabulary] at once. Collective under ZeRO-3: every rank
+    makes the same number of head calls, however many positions its batch has."""
     hidden, layout = model(batch)
     valid = hidden[layout.student_mask]
     pick = torch.linspace(0, len(valid) - 1, min(positions, len(valid)), device=valid.device).round().long()
-    return torch.cat([model.student_head(part).float().cpu() for part in valid[pick].split(CHECK_CHUNK)])
+    parts = valid[pick].tensor_split(-(-positions // CHECK_CHUNK))
+    return torch.cat([model.student_head(part).float().cpu() for part in parts])
 
 
 def check_export(engine_model, export_dir: Path, batch, cfg: TrainConfig, rank: int) -> dict:
