@@ -64,9 +64,8 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
     if task.limit:
         items = items[: task.limit]
     spoken_dir = Path(cfg.eval.spoken_dir or run_dir / "spoken") / task.name
-    if rank == 0:
-        build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers)
-    distributed.barrier()
+    build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers, (rank, world),
+                 distributed.barrier)
     audio = load_spoken(spoken_dir)
     missing = [it.id for it in items if it.id not in audio]
     if missing:

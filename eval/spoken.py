@@ -6,6 +6,7 @@ the evaluation voice, which may differ from every training voice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,12 @@ from shards.format import read_shard, shard_urls
 from shards.tts import TTSConfig
 
 
-def build_spoken(items: list[MCQItem], out: Path, tts: TTSConfig, sample_rate: int, workers: int = 1) -> Path:
-    """Synthesize the contexts of ``items`` into the shard set ``out`` unless it is already complete."""
-    return synthesize_texts([(it.id, it.context) for it in items], out, tts, sample_rate, workers, source="benchmark")
+def build_spoken(items: list[MCQItem], out: Path, tts: TTSConfig, sample_rate: int, workers: int = 1,
+                 part: tuple[int, int] = (0, 1), barrier: Callable[[], None] = lambda: None) -> Path:
+    """Synthesize the contexts of ``items`` into the shard set ``out`` unless it is already complete; every rank
+    of a job calls it, each speaking its share (``part``: rank, world; ``barrier``: the job's)."""
+    return synthesize_texts([(it.id, it.context) for it in items], out, tts, sample_rate, workers, source="benchmark",
+                            part=part, barrier=barrier)
 
 
 def load_spoken(folder: Path) -> dict[str, np.ndarray]:

@@ -159,8 +159,8 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     shares = target_shares(pool_share, score, gamma)
     budget = sel.budget_s or sel.budget_fraction * natural_seconds(cfg)
     seconds_per_text = np.array([len(t.split()) / sel.words_per_second for t in texts])
-    chosen = allocate(labels, score, gamma, budget, seconds_per_text, seed=cfg.seed + round_,
-                      exclude=previously_chosen(run_dir, round_))
+    chosen = distributed.broadcast_object(allocate(labels, score, gamma, budget, seconds_per_text,
+                                                   seed=cfg.seed + round_, exclude=previously_chosen(run_dir, round_)))
     if rank == 0:
         table = allocation_table(labels, chosen, score, shares, seconds_per_text)
         atomic_write_json(out / "allocation.json", {"strategy": sel.strategy, "gamma": gamma, "budget_s": budget,
@@ -169,9 +169,11 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
         atomic_write_bytes(out / "chosen.jsonl", lines.encode())
         if sel.strategy == "active":
             plot_scores(out / "score_vs_share.png", table, sel.score)
-        shards = synthesize_documents([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
-                                      sample_rate, sel.workers, source=f"selection-round-{round_}",
-                                      seed=cfg.seed + round_)
+    # every rank speaks its share of the chosen texts (the same on every rank: allocation is seeded)
+    shards = synthesize_documents([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
+                                  sample_rate, sel.workers, source=f"selection-round-{round_}",
+                                  seed=cfg.seed + round_, part=(rank, world), barrier=distributed.barrier)
+    if rank == 0:
         weight = sel.mix_weight or max(1e-3, budget / max(natural_seconds(cfg), 1e-9))
         append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=weight), round_)
         (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen), "budget_s": budget})

@@ -19,12 +19,14 @@ import argparse
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -45,6 +47,7 @@ from shards.format import (
     atomic_write_bytes,
     atomic_write_json,
     encode_chunk,
+    read_index,
     safe_key,
     write_samples,
 )
@@ -76,6 +79,11 @@ class BuildConfig:
     source: str = ""
     lang: str = "en"
     seed: int = 0
+    part: tuple[int, int] = (0, 1)   # (rank, world): build only this process's share of the documents
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.part[0] < self.part[1]:
+            raise ValueError(f"part: rank {self.part[0]} outside world size {self.part[1]}")
 
 
 @dataclass
@@ -116,6 +124,13 @@ def make_plan(records: list[Record], chunk_segments: int) -> list[PlannedChunk]:
             plan.append(PlannedChunk(len(plan), f"{base}-{i // chunk_segments:05d}", doc, first, part))
             first += len(part)
     return plan
+
+
+def share_of_plan(plan: list[PlannedChunk], rank: int, world: int) -> list[PlannedChunk]:
+    """The chunks of every ``world``-th document (in plan order) from the ``rank``-th, renumbered: each keeps its
+    key and its plan-wide segment index, which picks the TTS variant, so the parts speak what a whole build would."""
+    docs = {doc: i for i, doc in enumerate(dict.fromkeys(c.doc for c in plan))}
+    return [replace(c, index=i) for i, c in enumerate(c for c in plan if docs[c.doc] % world == rank)]
 
 
 def _doc_bases(docs: Iterable[str]) -> list[str]:
@@ -337,6 +352,11 @@ def build(cfg: BuildConfig, console: Console | None = None) -> dict[str, Any]:
         raise BuildError(f"--input {cfg.input}: no inputs found (read as {fmt})")
     tts = make_tts(cfg.tts, cfg.sr) if cfg.tts and fmt in sources.TEXT_FORMATS else None
     plan = make_plan(records, cfg.chunk_segments)
+    rank, world = cfg.part
+    if world > 1:
+        plan = share_of_plan(plan, rank, world)
+        if rank:   # inputs rejected before any work are reported once, by part 0
+            records = [r for r in records if r.reject is None]
     fp = fingerprint(plan, cfg)
     done = trusted_shards(cfg.out, fp)
     index = _complete_index(cfg.out, fp, done)
@@ -373,7 +393,7 @@ def _finish(cfg: BuildConfig, fp: str, records: list[Record], shards: list[dict[
                + [tuple(r) for s in shards for r in s["rejects"]] + trailing)
     lines = "".join(json.dumps({"input": i, "reason": r}, ensure_ascii=False) + "\n" for i, r in rejects)
     _write_if_changed(cfg.out / REJECTS_NAME, lines.encode("utf-8"))
-    if not shards:
+    if not shards and cfg.part[1] == 1:   # a part may be empty; merge_parts checks the whole
         raise BuildError(f"--input {cfg.input}: all {len(rejects)} inputs rejected "
                          f"({_reasons(Counter(r for _, r in rejects))}); see {cfg.out / REJECTS_NAME}")
     index = make_index(cfg, fp, shards, rejects)
@@ -455,26 +475,88 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                        chunk_segments=a.chunk_segments, source=a.source, lang=a.lang, seed=a.seed)
 
 
+PARTS_DIR = ".parts"   # inside a shard set built by several processes: one shard set per process, until merged
+
+
 def build_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig | None = None, sr: int = 16000,
-                workers: int = 1, source: str = "", chunk_segments: int = 16, seed: int = 0) -> Path:
+                workers: int = 1, source: str = "", chunk_segments: int = 16, seed: int = 0,
+                part: tuple[int, int] = (0, 1), barrier: Callable[[], None] = lambda: None) -> Path:
     """Build ``(doc id, text)`` pairs into the shard set ``out`` (consecutive pairs of one doc are its segments),
     spoken by ``tts`` or as text-only segments when it is None; nothing to do when ``out`` is complete, and
-    resumable like every build."""
+    resumable like every build.
+
+    Split across processes: with ``part=(rank, world)`` every process of a job calls this with the same
+    arguments and speaks every world-th document into its own folder under ``out/.parts``; ``barrier`` (the
+    job's) waits for all of them, rank 0 merges the parts into ``out`` (``merge_parts``), and a second barrier
+    releases the others. So no rank sits idle in a collective while one synthesizes everything."""
     if (out / INDEX_NAME).is_file():
         return out
+    rank, world = part
+    folder = out if world == 1 else part_folder(out, rank, world)
     with tempfile.TemporaryDirectory() as tmp:
         texts = Path(tmp) / "texts.jsonl"
         texts.write_text("".join(json.dumps({"text": text, "doc": doc}) + "\n" for doc, text in docs))
-        build(BuildConfig(input=texts, out=out, sr=sr, format="text", tts=tts, workers=workers,
-                          chunk_segments=chunk_segments, source=source, seed=seed))
+        build(BuildConfig(input=texts, out=folder, sr=sr, format="text", tts=tts, workers=workers,
+                          chunk_segments=chunk_segments, source=source, seed=seed, part=part))
+    if world > 1:
+        barrier()
+        error = None
+        if rank == 0:
+            try:
+                merge_parts(out, [part_folder(out, r, world) for r in range(world)])
+            except (BuildError, OSError) as exc:
+                error = exc
+        barrier()
+        if error is not None:
+            raise error
+        if not (out / INDEX_NAME).is_file():
+            raise BuildError(f"{out}: rank 0 did not merge the parts (see its error)")
     return out
 
 
+def part_folder(out: Path, rank: int, world: int) -> Path:
+    return out / PARTS_DIR / f"{rank:05d}-of-{world:05d}"
+
+
+def merge_parts(out: Path, parts: list[Path]) -> dict[str, Any]:
+    """One shard set in ``out`` from shard sets built apart (``BuildConfig.part``): their shards hard-linked under
+    the set's own names in part order, their rejects added up, the index written last; then the parts removed.
+    A merge killed halfway is done again from the parts."""
+    indexes = [read_index(p) for p in parts]
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for folder, index in zip(parts, indexes, strict=True):
+        for entry in index["shards"]:
+            target = out / shard_name(len(shards))
+            target.unlink(missing_ok=True)
+            try:
+                os.link(folder / entry["url"], target)
+            except OSError:   # another file system, or no hard links there
+                shutil.copyfile(folder / entry["url"], target)
+            shards.append({**entry, "url": target.name})
+    rejects = "".join((p / REJECTS_NAME).read_text() for p in parts if (p / REJECTS_NAME).is_file())
+    _write_if_changed(out / REJECTS_NAME, rejects.encode("utf-8"))
+    counts = Counter()
+    for index in indexes:
+        counts.update(index.get("rejects", {}))
+    if not shards:
+        raise BuildError(f"{out}: all {sum(counts.values())} inputs rejected ({_reasons(counts)}); "
+                         f"see {out / REJECTS_NAME}")
+    merged = {**indexes[0], "fingerprint": hashlib.sha256("".join(i["fingerprint"] for i in indexes).encode())
+              .hexdigest(), "shards": shards, "docs": sum(i["docs"] for i in indexes),
+              "segments": sum(i["segments"] for i in indexes),
+              "seconds": round(sum(i["seconds"] for i in indexes), 3), "rejects": dict(sorted(counts.items()))}
+    atomic_write_json(out / INDEX_NAME, merged)
+    shutil.rmtree(out / PARTS_DIR, ignore_errors=True)
+    return merged
+
+
 def synthesize_texts(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
-                     source: str = "") -> Path:
+                     source: str = "", part: tuple[int, int] = (0, 1),
+                     barrier: Callable[[], None] = lambda: None) -> Path:
     """Speak ``(doc id, text)`` pairs into the shard set ``out``, one segment per document (spoken benchmark
-    contexts, which are spoken whole)."""
-    return build_texts(docs, out, tts, sr, workers, source, chunk_segments=1)
+    contexts, which are spoken whole); ``part``, ``barrier``: split across processes (``build_texts``)."""
+    return build_texts(docs, out, tts, sr, workers, source, chunk_segments=1, part=part, barrier=barrier)
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -511,12 +593,14 @@ def cut_pieces(text: str, rng: np.random.Generator, words: tuple[int, int] = (3,
 
 
 def synthesize_documents(docs: list[tuple[str, str]], out: Path, tts: TTSConfig, sr: int, workers: int = 1,
-                         source: str = "", seed: int = 0) -> Path:
+                         source: str = "", seed: int = 0, part: tuple[int, int] = (0, 1),
+                         barrier: Callable[[], None] = lambda: None) -> Path:
     """Speak ``(doc id, text)`` pairs as training documents: each text cut into segments (cut_pieces), so
-    that training interleaves speech and text inside it as it does in natural speech."""
+    that training interleaves speech and text inside it as it does in natural speech; ``part``, ``barrier``:
+    split across processes (``build_texts``)."""
     rng = np.random.default_rng([seed, 29])
     segments = [(doc, segment) for doc, text in docs for segment in cut_pieces(text, rng)]
-    return build_texts(segments, out, tts, sr, workers, source, seed=seed)
+    return build_texts(segments, out, tts, sr, workers, source, seed=seed, part=part, barrier=barrier)
 
 
 def main(argv: list[str] | None = None) -> int:

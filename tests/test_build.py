@@ -326,3 +326,45 @@ def test_tts_failure_is_a_reject(tmp_path):
     assert json.loads((out / "rejects.jsonl").read_text()) == {"input": f"{tmp_path / 'lines.txt'}:2",
                                                                "reason": "tts_failed"}
     assert not (ROOT / "pwned").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_a_build_split_across_ranks_equals_the_whole_build(tmp_path):
+    """Each rank speaks every world-th document into its own part, rank 0 merges: the same samples (keys, texts,
+    audio: the voice variants follow the plan-wide segment index) as one process speaking everything."""
+    import threading
+
+    from shards.build import PARTS_DIR, synthesize_documents
+    from shards.format import read_index, read_shard, shard_urls
+    from shards.tts import TTSConfig
+
+    tts = TTSConfig(voices=["en-us", "en-gb"], speeds=[150, 200])
+    docs = [(f"d{i}", f"text number {i} has a few more words in it than the pieces") for i in range(5)]
+    args = (tts, 16000)
+    whole = synthesize_documents(docs, tmp_path / "whole", *args, seed=3)
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def rank(r: int) -> None:
+        try:
+            synthesize_documents(docs, tmp_path / "split", *args, seed=3, part=(r, 2), barrier=barrier.wait)
+        except Exception as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+
+    def samples(folder):
+        return sorted((c.key, [(s.text, s.audio.tobytes()) for s in c.segments])
+                      for url in shard_urls(folder) for c in read_shard(url))
+
+    assert samples(tmp_path / "split") == samples(whole)
+    split, full = read_index(tmp_path / "split"), read_index(whole)
+    assert {k: split[k] for k in ("docs", "segments", "rejects", "sr")} == \
+        {k: full[k] for k in ("docs", "segments", "rejects", "sr")}
+    assert split["seconds"] == pytest.approx(full["seconds"], abs=0.01)   # sums of per-shard rounded seconds
+    assert not (tmp_path / "split" / PARTS_DIR).exists()
+    assert synthesize_documents(docs, tmp_path / "split", *args, seed=3, part=(1, 2)) == tmp_path / "split"  # done

@@ -87,6 +87,9 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     got = {"join": distributed.join(timeout_minutes=1)}
     got["join_again"] = distributed.join(timeout_minutes=1)   # idempotent
+    from torch.distributed.distributed_c10d import _get_default_group   # the configured timeout reached the group
+
+    got["timeout_s"] = _get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
     counts = torch.tensor([rank + 1.0, 10.0 * rank])
     got["sum"] = distributed.all_reduce(counts.clone()).tolist()
     got["max"] = distributed.all_reduce(counts.clone(), "max").tolist()
@@ -106,7 +109,7 @@ def test_helpers_on_two_gloo_ranks(tmp_path):
     mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     for rank, g in enumerate(got):
-        assert g["join"] == g["join_again"] == [rank, 2]
+        assert g["join"] == g["join_again"] == [rank, 2] and g["timeout_s"] == 60
         assert g["sum"] == [3.0, 10.0] and g["max"] == [2.0, 10.0] and g["min"] == [1.0, 0.0]
         assert g["int_max"] == 7
         assert g["objects"] == [{"rank": 0}, {"rank": 1}]
