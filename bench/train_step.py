@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from train.config import ConfigError, split_overrides
 
@@ -63,6 +64,51 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.user_overrides = overrides
     args.overrides = BENCH_OVERRIDES + overrides + [f"train.max_steps={args.warmup + args.steps}"]
     return args
+
+
+# ---- host reads ----------------------------------------------------------------------------------
+SIZED_BY_DATA = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+                 "aten.repeat_interleave.Tensor", "aten._unique2.default", "aten.unique_consecutive.default",
+                 "aten.bincount.default"}
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that make the host wait for the device, by the repository file that called them (the
+    innermost frame outside site-packages): a value read back (``item``, ``int``, ``bool``: aten's
+    ``_local_scalar_dense``), an output sized by the data (``nonzero``, ``repeat_interleave`` without
+    ``output_size``, ...), or indexing with a boolean mask (a ``nonzero`` inside). On a CPU they cost nothing;
+    on a GPU each one waits until every kernel launched before it has run, which stalls the queue of ZeRO-3
+    gathers. Counted on the CPU, they are what a GPU would wait for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_file: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        hit = name in SIZED_BY_DATA and not (name == "aten.repeat_interleave.Tensor" and kwargs.get("output_size"))
+        if name.startswith(("aten.index.Tensor", "aten.index_put")):
+            hit = any(i is not None and i.dtype == torch.bool for i in args[1])
+        if hit:
+            import traceback
+
+            ours = [f.filename for f in traceback.extract_stack()
+                    if f.filename.startswith(str(ROOT)) and "site-packages" not in f.filename]
+            where = Path(ours[-1]).relative_to(ROOT).as_posix() if ours else "other"
+            self.by_file[where] = self.by_file.get(where, 0) + 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_file.values())
+
+
+def host_reads(objective: torch.nn.Module, batch) -> HostReads:
+    """The host reads of one micro-step's forward and backward of ``objective`` on ``batch``."""
+    with HostReads() as reads:
+        objective(batch)["loss"].backward()
+    return reads
 
 
 # ---- workers -------------------------------------------------------------------------------------
@@ -176,7 +222,9 @@ def plain_worker(args: argparse.Namespace) -> dict:
     # Rank 0's batch of a step, then rank 1's ...: the same work the ranks share, one after the other.
     steps = [batches[rank][i] for i in range(args.warmup + args.steps) for rank in range(args.ranks)]
     result = run_steps(step, steps, args.warmup * args.ranks, model.encoder.sample_rate)
-    return {**result, "rss_mib": [peak_rss_mib()], "cpu_s": [result["cpu_s"]],
+    reads = host_reads(objective, batches[0][0][0])
+    optimizer.zero_grad(set_to_none=True)
+    return {**result, "rss_mib": [peak_rss_mib()], "cpu_s": [result["cpu_s"]], "host_reads": reads.by_file,
             "params": sum(p.numel() for p in objective.parameters()),
             "trainable": sum(p.numel() for p in trainable)}
 
@@ -241,10 +289,14 @@ def report(args: argparse.Namespace, rows: dict[str, dict], load: list[str]) -> 
                   f"({zero3['trainable']:,} trainable). Batches are built before timing.")
     console.print(f"scaling = ZeRO-3 tokens/s / ({args.ranks} x plain tokens/s) = {scaling:.3f} (goal >= 0.8); "
                   f"by CPU time per step (what an idle core per rank would give, less waiting) {cpu_scaling:.3f}")
+    reads = plain["host_reads"]
+    console.print(f"Host reads (what a GPU would wait for) in one micro-step's forward + backward: "
+                  f"{sum(reads.values())} ({', '.join(f'{n} from {f}' for f, n in sorted(reads.items())) or 'none'})")
     for name, r in rows.items():
         print(f"RESULT {name}_tokens_per_s {r['tokens'] / r['seconds']:.1f}")
         print(f"RESULT {name}_audio_s_per_s {r['audio_s'] / r['seconds']:.2f}")
         print(f"RESULT {name}_peak_rss_mib {max(r['rss_mib']):.0f}")
+    print(f"RESULT host_reads_per_micro_step {sum(reads.values())}")
     print(f"RESULT zero3_cputime_scaling {cpu_scaling:.4f}")
     print(f"RESULT zero3_cpu_scaling {scaling:.4f}")
 

@@ -97,20 +97,25 @@ class SpeechEncoder(nn.Module):
         return int(self.frame_lengths(torch.tensor([num_samples]))[0])
 
     @torch.no_grad()
-    def forward(self, waves: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, waves: Tensor, lengths: Tensor, num_frames: int | None = None) -> tuple[Tensor, Tensor]:
         """waves [B, T] at ``sample_rate``, lengths [B] in samples -> frames [B, F, dim], frame_lengths [B].
 
-        F is the longest item's frame count; frames past an item's length are zero.
+        F is ``num_frames`` when given (at least the longest item's count: the caller knows it, e.g. from the
+        waves' width), else the longest item's frame count; frames past an item's length are zero. Lengths on
+        the CPU are checked; on a GPU reading them back would stall its queue (the trainer's come from packing).
         """
         if waves.dim() != 2 or lengths.shape != (waves.shape[0],):
             raise ValueError(f"expected waves [B, T] and lengths [B], got {tuple(waves.shape)} "
                              f"and {tuple(lengths.shape)}")
-        lengths = lengths.to(waves.device, torch.long)
-        if len(lengths) and (int(lengths.min()) < 0 or int(lengths.max()) > waves.shape[1]):
+        if lengths.device.type == "cpu" and len(lengths) and (int(lengths.min()) < 0
+                                                              or int(lengths.max()) > waves.shape[1]):
             raise ValueError(f"lengths must lie in [0, {waves.shape[1]}], got {lengths.tolist()}")
+        lengths = lengths.to(waves.device, torch.long)
         waves = waves.float().masked_fill(~_valid(lengths, waves.shape[1]), 0.0)
         frame_lengths = self.frame_lengths(lengths)
-        num = int(frame_lengths.max()) if len(lengths) else 0
+        if num_frames is None:
+            num_frames = int(frame_lengths.max()) if len(lengths) else 0
+        num = num_frames
         frames = self._encode(waves, lengths)[:, :num]
         return frames.masked_fill(~_valid(frame_lengths, num)[..., None], 0.0), frame_lengths
 

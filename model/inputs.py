@@ -9,9 +9,12 @@ of positions: the student position and the teacher position whose next token is 
 Two stages, so that the expensive part stays vectorised and the data-dependent part is late:
 1. ``interleave`` (per document, CPU, in the collate): choose spans, tokenize each span on its own
    (so the teacher's tokens are exactly the concatenation of span tokens), cut the speech audio.
-2. ``Layout.build`` (per batch, on the device, after the adapter ran): given the number of vectors
-   each speech span got (data dependent when frames are compressed), compute every position with
-   cumulative sums: no Python loop over tokens.
+2. ``Layout.build`` (per batch): given the number of vectors each speech span gets, compute every
+   position with cumulative sums: no Python loop over tokens. ``batch_of_rows`` builds it on the CPU,
+   where the data is made: without compression a span's vector count follows from its audio length,
+   and a layout built on a GPU would stall its queue about twenty times per batch (every size it reads
+   back). With CTC compression the counts are data dependent: the model builds the layout again on the
+   device after the adapter ran.
 """
 
 from __future__ import annotations
@@ -165,13 +168,27 @@ class Batch:
     doc_len: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # [D] tokens
     doc_keys: list[str] = field(default_factory=list)   # [D] chunk keys
     teacher: Any = None
+    layout: Layout | None = None   # built with the packing's vector counts (exact without compression)
 
     @property
     def num_speech(self) -> int:
         return int(self.wave_lengths.numel())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{k: v.to(device) if hasattr(v, "to") else v for k, v in vars(self).items()})
+        return Batch(**_moved(vars(self), device))
+
+
+def _moved(fields: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Every tensor (and thing with ``to``) in ``fields`` on ``device``. To a GPU through pinned memory without
+    blocking: a copy from pageable memory would make the host wait until the GPU's queue reaches it."""
+    gpu = torch.device(device).type == "cuda"
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and gpu and v.device.type == "cpu":
+            return v.pin_memory().to(device, non_blocking=True)
+        return v.to(device) if hasattr(v, "to") else v
+
+    return {k: move(v) for k, v in fields.items()}
 
 
 def pack(docs: Sequence[Document], vectors_for: Callable[[int], int], context: int,
@@ -240,7 +257,7 @@ def batch_of_rows(rows: Sequence[Sequence[Document]], vectors_for: Callable[[int
     for i, w in enumerate(waves):
         wave_tensor[i, : len(w)] = torch.from_numpy(w)
     long = torch.long
-    return Batch(
+    batch = Batch(
         unit_row=torch.tensor(unit_row, dtype=long), unit_kind=torch.tensor(unit_kind, dtype=long),
         unit_token=torch.tensor(unit_token, dtype=long), unit_span=torch.tensor(unit_span, dtype=long),
         unit_target=torch.tensor(unit_target, dtype=torch.bool),
@@ -248,6 +265,8 @@ def batch_of_rows(rows: Sequence[Sequence[Document]], vectors_for: Callable[[int
         waves=wave_tensor, wave_lengths=torch.tensor([len(w) for w in waves], dtype=long), rows=len(rows),
         doc_row=torch.tensor(doc_row, dtype=long), doc_len=torch.tensor(doc_len, dtype=long),
         doc_keys=[doc.key for row_docs in rows for doc in row_docs])
+    batch.layout = Layout.build(batch, torch.tensor([vectors_for(len(w)) for w in waves], dtype=long))
+    return batch
 
 
 def _truncate(doc: Document, vectors_for: Callable[[int], int], context: int, bos: bool) -> Document:
@@ -310,6 +329,12 @@ class Layout:
     map_student: torch.Tensor      # [M] student position and
     map_teacher: torch.Tensor      # [M] teacher position that predict
     map_target: torch.Tensor       # [M] this token
+    vector_span: torch.Tensor      # [sum n] speech span of each vector, and its index in the span's adapter
+    vector_index: torch.Tensor     # [sum n] outputs: vectors[vector_span, vector_index] in layout order
+    end_marker: bool = True
+
+    def to(self, device: torch.device | str) -> Layout:
+        return Layout(**_moved(vars(self), device))
 
     @staticmethod
     def build(batch: Batch, vectors: torch.Tensor, end_marker: bool = True) -> Layout:
@@ -343,6 +368,7 @@ class Layout:
         begin_pos = s_start[sp_units]
         end_pos = begin_pos + vectors + 1 if end_marker else begin_pos[:0]
         vector_row = torch.repeat_interleave(span_row, vectors)
+        vector_span = torch.repeat_interleave(torch.arange(len(vectors), device=device), vectors)
         vec_offset = _offsets_within(vectors)
         vector_pos = torch.repeat_interleave(begin_pos + 1, vectors) + vec_offset
 
@@ -355,4 +381,5 @@ class Layout:
             begin_pos=begin_pos, end_pos=end_pos, span_row=span_row,
             vector_row=vector_row, vector_pos=vector_pos,
             map_row=batch.unit_row[target], map_student=s_start[prev] + s_len[prev] - 1,
-            map_teacher=t_start[target] - 1, map_target=batch.unit_token[target])
+            map_teacher=t_start[target] - 1, map_target=batch.unit_token[target],
+            vector_span=vector_span, vector_index=vec_offset, end_marker=end_marker)

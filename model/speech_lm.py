@@ -180,8 +180,10 @@ class SpeechLM(nn.Module):
             self.llm.train(was_training)
 
     def speech_vectors(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encode and adapt every speech span of a batch at once: [S, n, H] and vectors per span [S]."""
-        frames, frame_lengths = self.encoder(waves, lengths)
+        """Encode and adapt every speech span of a batch at once: [S, n, H] and vectors per span [S]. The frames
+        are sized by the waves' width (packed batches are as wide as their longest span), not by reading the
+        lengths back from the device."""
+        frames, frame_lengths = self.encoder(waves, lengths, self.encoder.frames_for(waves.shape[1]))
         return self.adapter(frames.to(self.boundary.dtype), frame_lengths)
 
     def adapter_output(self, waves: Tensor, lengths: Tensor) -> AdapterOutput:
@@ -256,11 +258,16 @@ class SpeechLM(nn.Module):
             # every rank must run the same modules and collectives (each forward gathers parameters) and get
             # every gradient.
             dummy = batch.waves.new_zeros(1, self.encoder.sample_rate // 4)
-            speech = self.adapter_output(dummy, torch.tensor([dummy.shape[1]], device=dummy.device))
-        vectors, counts = self.llm_vectors(speech)
+            speech = self.adapter_output(dummy, torch.full((1,), dummy.shape[1], device=dummy.device))
+        layout, cfg = batch.layout, self.adapter.cfg
+        if layout is not None and cfg.compress == "none" and layout.end_marker == cfg.end_marker:
+            # the packing's layout: every vector of every span (no device read to size anything)
+            vectors = speech.vectors[layout.vector_span, layout.vector_index] if batch.num_speech else speech.vectors
+        else:
+            vectors, counts = self.llm_vectors(speech)
+            layout = Layout.build(batch, counts if batch.num_speech else batch.wave_lengths, cfg.end_marker)
         if not batch.num_speech:
-            counts, speech = batch.wave_lengths, AdapterOutput(*(t[:0] for t in speech))
-        layout = Layout.build(batch, counts, self.adapter.cfg.end_marker)
+            speech = AdapterOutput(*(t[:0] for t in speech))
         rows, hidden = batch.rows, self.boundary.shape[1]
         text = embed(layout.text_token)
         out = text.new_zeros(rows, layout.student_len, hidden)

@@ -23,6 +23,6 @@ def test_train_step_bench_prints_results():
     assert lines[-1].startswith("RESULT zero3_cpu_scaling ")
     assert set(results) == {f"{v}_{m}" for v in ("zero3", "plain")
                             for m in ("tokens_per_s", "audio_s_per_s", "peak_rss_mib")} | {
-                                "zero3_cputime_scaling", "zero3_cpu_scaling"}
-    assert all(float(v) > 0 for v in results.values()), results
+                                "zero3_cputime_scaling", "zero3_cpu_scaling", "host_reads_per_micro_step"}
+    assert all(float(v) > 0 for k, v in results.items() if k != "host_reads_per_micro_step"), results
     assert "deepspeed" in done.stdout and "2 x 1" in done.stdout   # machine line, thread settings

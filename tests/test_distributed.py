@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.distributed_c10d import _get_default_group
 
 from train import distributed
 from train.distributed import free_port, launcher_ranks
@@ -87,8 +88,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     got = {"join": distributed.join(timeout_minutes=1)}
     got["join_again"] = distributed.join(timeout_minutes=1)   # idempotent
-    from torch.distributed.distributed_c10d import _get_default_group   # the configured timeout reached the group
-
+    # the configured timeout reached the group
     got["timeout_s"] = _get_default_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
     counts = torch.tensor([rank + 1.0, 10.0 * rank])
     got["sum"] = distributed.all_reduce(counts.clone()).tolist()

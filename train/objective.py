@@ -127,8 +127,9 @@ class Objective(nn.Module):
         zero = loss.detach() * 0
         return {"loss": loss, "kl": dist.detach() if dist is not None else zero,
                 "nll": nll.detach() if nll is not None else zero, "ctc": ctc.detach() if ctc is not None else zero,
-                "tokens": torch.tensor(float(layout.map_row.numel()), device=loss.device),
-                "cached": torch.tensor(float(cached is not None), device=loss.device)}
+                # torch.full: a fill on the device, where torch.tensor would copy from the host and wait
+                "tokens": torch.full((), float(layout.map_row.numel()), device=loss.device),
+                "cached": torch.full((), float(cached is not None), device=loss.device)}
 
     @torch.no_grad()
     def diagnostics(self, batch: Batch) -> torch.Tensor:
