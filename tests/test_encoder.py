@@ -128,9 +128,11 @@ def test_padding_invariance(encoders, kind):
         torch.testing.assert_close(batched[i, : alone.shape[1]], alone[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["mel", "whisper", "mimi"])
+@pytest.mark.parametrize("kind", ["mel", "whisper"])
 def test_runs_after_parent_casts_to_bfloat16(encoders, kind):
-    """A bf16 engine casts every parameter and buffer: features stay float32, weights run in bf16."""
+    """Cast to bf16 (``encoder.dtype: bfloat16``, or by hand): features stay float32, weights run in bf16. Not
+    Mimi: in bf16 its latents drift far from fp32 (cosine 0.62 on an Intel Xeon, above 0.99 on an AMD EPYC), so
+    it runs in fp32 by default, and a bf16 training engine never casts it (tests/test_engine.py)."""
     enc = copy.deepcopy(encoders[kind]).to(torch.bfloat16)
     waves, lengths = _noisy_batch(LENGTHS[kind])
     frames, frame_lengths = enc(waves, lengths)

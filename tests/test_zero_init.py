@@ -128,6 +128,7 @@ def test_scale_configs_hold_the_paper_settings(size, lr_adapter, lr_llm):
     cfg = load_experiment(REPO / f"configs/qwen2.5-{size}-mimi.yaml")
     assert (cfg.model.llm.mode, cfg.model.encoder.kind, cfg.train.precision) == ("full", "mimi", "bf16")
     assert cfg.model.gradient_checkpointing and cfg.model.llm.dtype == "bfloat16"
+    assert cfg.model.encoder.dtype == "float32"   # Mimi frozen in fp32 whatever the training precision
     assert (cfg.train.lr_adapter, cfg.train.lr_llm, cfg.train.weight_decay) == (lr_adapter, lr_llm, 0.1)
     assert (cfg.loss.alpha, cfg.loss.ctc_weight, cfg.inputs.context, cfg.rounds) == (1.0, 0.0, 2048, 1)
     assert (cfg.selection.clusters, cfg.selection.gamma, cfg.selection.budget_fraction) == (128, 5.0, 0.01)
@@ -141,8 +142,12 @@ def test_scale_configs_hold_the_paper_settings(size, lr_adapter, lr_llm):
              *(r.path for r in cfg.data.speech + cfg.data.text), *(t.path for t in cfg.eval.tasks)]
     assert all(p.startswith("/data/") for p in paths), paths   # placeholders, checked only when a job starts
     for name, offload in ((cfg.train.ds_config, None), ("ds_configs/zero3_offload.json", "cpu")):
-        ds = DeepSpeedConfig(deepspeed_config(dataclasses.replace(cfg.train, ds_config=name), world=1))
+        merged = deepspeed_config(dataclasses.replace(cfg.train, ds_config=name), world=1)
+        ds = DeepSpeedConfig(merged)
         assert ds.zero_optimization_stage == 3 and ds.bfloat16_config.enabled, name
+        # no optimizer that compiles at start-up (FusedAdam, CPUAdam need nvcc); gradients summed and sent in fp32
+        assert merged["optimizer"]["params"]["torch_adam"] is True, name
+        assert ds.grad_accum_dtype == "fp32" and ds.communication_data_type == torch.float32, name
         for part in (ds.zero_config.offload_param, ds.zero_config.offload_optimizer):
             assert (part.device if part else None) == offload, (name, part)
 
