@@ -93,7 +93,7 @@ class HostReads(TorchDispatchMode):
         if hit:
             import traceback
 
-            ours = [f.filename for f in traceback.extract_stack()
+            ours = [f.filename for f in traceback.extract_stack()[:-1]   # not this method's own frame
                     if f.filename.startswith(str(ROOT)) and "site-packages" not in f.filename]
             where = Path(ours[-1]).relative_to(ROOT).as_posix() if ours else "other"
             self.by_file[where] = self.by_file.get(where, 0) + 1
