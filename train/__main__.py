@@ -28,8 +28,7 @@ from train.schedule import decay_start
 
 DONE = "DONE"
 PRE_DECAY = "pre-decay"
-# Objective outputs summed over the micro-steps between two logged steps, in this order
-STEP_FIGURES = ("loss", "kl", "nll", "ctc", "tokens", "cached")
+STEP_FIGURES = ("loss", "kl", "nll", "ctc", "tokens", "cached")   # the Objective's outputs a logged step reports
 
 
 def round_dir(cfg: ExperimentConfig, round_: int) -> Path:
@@ -71,6 +70,37 @@ def describe_partitions(engine, path: Path, world: int) -> None:
     if distributed.rank() == 0:
         path.write_text(json.dumps({"world_size": world, "params_total": total, "params_trainable": trainable,
                                     "params_per_rank": per_rank}, indent=2) + "\n")
+
+
+class LogWindow:
+    """The step figures since the last logged step, summed on the device: the host reads them (one wait for the
+    GPU) and the ranks add them up only when a step is logged, so the queue of ZeRO-3 gathers never stalls in
+    between."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(STEP_FIGURES), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums.zero_()
+        self.audio_s, self.micro_steps, self.since = 0.0, 0, time.perf_counter()
+
+    def add(self, outputs: dict[str, torch.Tensor], audio_s: float) -> None:
+        self.sums += torch.stack([outputs[name].detach().double() for name in STEP_FIGURES])
+        self.audio_s += audio_s
+        self.micro_steps += 1
+
+    def record(self, step: int, lr: float, cached: bool) -> dict:
+        """The logged figures, as means over the window's micro-steps on every rank; starts a new window."""
+        figures = dict(zip(STEP_FIGURES, distributed.all_reduce(self.sums).tolist(), strict=True))
+        audio = float(distributed.all_reduce(torch.tensor(self.audio_s, dtype=torch.float64)))
+        elapsed, n = time.perf_counter() - self.since, self.micro_steps * distributed.world()
+        record = {"step": step, **{k: figures[k] / n for k in ("loss", "kl", "nll", "ctc")}, "lr": lr,
+                  "tokens_per_s": figures["tokens"] / elapsed, "audio_s_per_s": audio / elapsed}
+        if cached:   # share of micro-batches that used cached teacher targets
+            record["teacher_cached"] = figures["cached"] / n
+        self.reset()
+        return record
 
 
 def progress(enabled: bool):
@@ -128,10 +158,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
         if step == pre_decay and not (ckpt_dir / PRE_DECAY).exists():
             checkpoint.save(engine, ckpt_dir, PRE_DECAY, step, source.state())
 
-    # Step figures stay on the device and are summed there; the host reads them (one wait for the GPU) and the
-    # ranks add them up only at a logged step, so the queue of ZeRO-3 gathers never stalls in between.
-    sums = torch.zeros(len(STEP_FIGURES), dtype=torch.float64, device=engine.device)
-    audio_s, micro_steps, since = 0.0, 0, time.perf_counter()
+    window = LogWindow(engine.device)
     bar = progress(rank == 0)
     with bar:
         task = bar.add_task(f"train round {round_}", total=schedule.max_steps, completed=step, status="")
@@ -142,37 +169,24 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
             torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
             for micro in range(schedule.grad_accum):
                 batch, _ = source.next(step, micro)
-                audio_s += float(batch.wave_lengths.sum()) / model.encoder.sample_rate   # still on the host
                 outputs = engine(batch.to(engine.device))
                 engine.backward(outputs["loss"])
                 # Called at every micro-step, unlike a plain optimizer: DeepSpeed counts them and updates the
                 # weights (and the learning rate) at the last micro-step of each grad_accum.
                 engine.step()
-                sums += torch.stack([outputs[name].detach().double() for name in STEP_FIGURES])
+                window.add(outputs, float(batch.wave_lengths.sum()) / model.encoder.sample_rate)
             step += 1
-            micro_steps += schedule.grad_accum
             diagnose = heldout is not None and step % schedule.diagnostics_every == 0
-            if not (diagnose or step % schedule.log_every == 0 or step == schedule.max_steps):
-                bar.update(task, completed=step)
-            else:
-                figures = dict(zip(STEP_FIGURES, distributed.all_reduce(sums).tolist(), strict=True))
-                audio = float(distributed.all_reduce(torch.tensor(audio_s, dtype=torch.float64)))
-                elapsed = time.perf_counter() - since
-                n = micro_steps * world
-                record = {"step": step, **{k: figures[k] / n for k in ("loss", "kl", "nll", "ctc")},
-                          "lr": engine.get_lr()[0], "tokens_per_s": figures["tokens"] / elapsed,
-                          "audio_s_per_s": audio / elapsed}
-                if teacher_cache is not None:   # share of micro-batches that used cached teacher targets
-                    record["teacher_cached"] = figures["cached"] / n
+            if diagnose or step % schedule.log_every == 0 or step == schedule.max_steps:
+                record = window.record(step, engine.get_lr()[0], teacher_cache is not None)
                 if diagnose:   # M, F, D on the held-out batch (its forward is a collective under ZeRO-3)
                     record.update(diagnostic_means(distributed.all_reduce(
                         engine.module.diagnostics(heldout) * heldout_weight)))
                 if rank == 0:
                     write_metrics(metrics, record)
-                bar.update(task, completed=step, status=f"loss {record['loss']:.3f} kl {record['kl']:.3f} "
+                bar.update(task, status=f"loss {record['loss']:.3f} kl {record['kl']:.3f} "
                            f"{record['tokens_per_s']:.0f} tok/s {record['audio_s_per_s']:.1f} audio-s/s")
-                sums.zero_()
-                audio_s, micro_steps, since = 0.0, 0, time.perf_counter()
+            bar.update(task, completed=step)
             if step % schedule.save_every == 0 and step < schedule.max_steps:
                 checkpoint.save(engine, ckpt_dir, f"{checkpoint.PERIODIC_PREFIX}{step:07d}", step, source.state())
                 if rank == 0:
