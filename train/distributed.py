@@ -82,19 +82,23 @@ _cpu_group: dist.ProcessGroup | None = None   # gloo over the main group's ranks
 def join(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, deepspeed: bool = False) -> tuple[int, int]:
     """Join the launcher's process group (torchrun, deepspeed, mpirun, srun), or make a one-rank group when no
     launcher started this process; returns (rank, world size). The rank's GPU is pinned first. ``deepspeed``:
-    through DeepSpeed's comm layer, which its engine needs."""
+    for DeepSpeed's comm layer too, which its engine needs. Without a launcher the group is this process alone,
+    on an in-memory store."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
+        alone = "RANK" not in os.environ and not any(v in os.environ for v in LAUNCHER_RANK_VARS)
         os.environ.update(rank_env(os.environ))
         if torch.cuda.is_available():
             torch.cuda.set_device(device())
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        if deepspeed:
-            import deepspeed as ds
-
-            ds.init_distributed(dist_backend=backend, timeout=timeout)
+        if alone:   # an in-memory store: no port to pick, none another process can take first
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
+    if deepspeed:   # DeepSpeed's comm layer wraps the group that exists
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend=backend, timeout=timeout)
     global _cpu_group
     if _cpu_group is None:
         gpu = dist.get_backend() == "nccl"
