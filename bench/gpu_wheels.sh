@@ -6,10 +6,11 @@
 #                       [--no-espeak]
 #
 # --profile image (default): what the smoke config and the GPU benches import and the lent GPU image lacks.
-#     The image (/work/.library/device/KINDS.md, read 2026-11-17) already holds torch 2.11 + torchaudio 2.11,
+#     The image (its package list as read on 2026-11-17: Python 3.12.3) already holds torch 2.11 + torchaudio 2.11,
 #     transformers, peft, accelerate, pyarrow, pandas, scipy, scikit-learn, matplotlib, sentence-transformers,
 #     rich, pyyaml, ...; it lacks deepspeed, webdataset, soundfile, jiwer, evaluate, datasets, faiss-cpu,
-#     pydantic and a few small ones. About 30 MiB for Python 3.10-3.12.
+#     pydantic and a few small ones: 42 MiB for Python 3.10-3.12 with espeak/ and minilm-config/ (faiss-cpu,
+#     one abi3 wheel for all three, is 18 MiB of it; each Python adds about 5.5 MiB of compiled wheels).
 # --profile bare: everything beyond torch, torchaudio, transformers and peft (and what they pull in), e.g. for a
 #     fresh venv; with pyarrow, scipy, scikit-learn and matplotlib it is far over the 64 MiB a device call
 #     carries, so it is for local checks only.
@@ -32,7 +33,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 
 OUT=wheels PYVERS=3.10,3.11,3.12 PROFILE=image MAX_MIB=55 ESPEAK=1
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=${2:?--out needs a folder}; shift 2 ;;
@@ -61,7 +62,7 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 # ---- the list: module imports of the smoke path and the benches -> distributions -> pinned closure -------------
-# Packages on the lent GPU image (KINDS.md, 'Python packages already there', read 2026-11-17): not carried.
+# Packages on the lent GPU image (its package list, read 2026-11-17): not carried.
 IMAGE_HAS="absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
 cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
