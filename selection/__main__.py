@@ -122,7 +122,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
 
     from selection.allocate import allocate, allocation_table, target_shares
     from shards.build import synthesize_documents
-    from shards.format import atomic_write_bytes, atomic_write_json
+    from shards.format import atomic_write_bytes, atomic_write_json, read_index
     from train import distributed
     from train.data import ShardSetRef, append_speech_set
 
@@ -173,9 +173,9 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     shards = synthesize_documents([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
                                   sample_rate, sel.workers, source=f"selection-round-{round_}",
                                   seed=cfg.seed + round_, part=(rank, world), barrier=distributed.barrier)
-    if rank == 0:
-        weight = sel.mix_weight or max(1e-3, budget / max(natural_seconds(cfg), 1e-9))
-        append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=weight), round_)
+    if rank == 0:   # weighted by its documents among the selected sets (data.selected_share is theirs together)
+        append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=float(read_index(shards)["docs"])), round_,
+                          cfg.data)
         (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen), "budget_s": budget})
                                 + "\n")
         console.print(f"round {round_}: {sel.strategy} selection of {len(chosen)} texts (~{budget:.0f} s) from {k} "

@@ -24,7 +24,6 @@ class SelectionConfig:
     budget_s: float = 0.0           # speech seconds per round; 0: budget_fraction of the natural speech
     budget_fraction: float = 0.01
     words_per_second: float = 2.6   # to estimate a text's spoken length before synthesis
-    mix_weight: float = 0.0         # mixing weight of selected shards vs natural (weight 1); 0: by duration
     tts: TTSConfig = field(default_factory=TTSConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     workers: int = 1                # TTS processes
@@ -35,4 +34,3 @@ class SelectionConfig:
         require(self.gamma >= 0, "gamma", "must be >= 0")
         require(self.budget_s >= 0 and 0 <= self.budget_fraction <= 1, "budget_s", "budgets must be >= 0")
         require(self.words_per_second > 0, "words_per_second", "must be > 0")
-        require(self.mix_weight >= 0, "mix_weight", "must be >= 0")

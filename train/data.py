@@ -38,11 +38,16 @@ class DataConfig:
     speech: list[ShardSetRef] = field(default_factory=list)   # natural (and later selected) speech
     text: list[ShardSetRef] = field(default_factory=list)     # broad text for the anti-forgetting mix
     text_ratio: float = 0.33          # share of micro-batches that are text only
+    # Stage II: the share of speech documents drawn from the selected sets, whatever the natural sets weigh
+    # (weights count only among the natural sets, and among the selected ones). The paper mixes natural speech,
+    # selected speech and text in about equal parts: with text_ratio 1/3, a share of 0.5.
+    selected_share: float = 0.5
     docs_per_batch: int = 8           # document chunks per micro-batch and rank
     assets: str = ""                  # module run as `python -m <assets>` before training: builds what is missing
 
     def __post_init__(self) -> None:
         require(0.0 <= self.text_ratio <= 1.0, "text_ratio", "must be in [0, 1]")
+        require(0.0 <= self.selected_share < 1.0, "selected_share", f"must be in [0, 1), got {self.selected_share}")
         require(self.docs_per_batch >= 1, "docs_per_batch", "must be >= 1")
 
 
@@ -122,21 +127,44 @@ DATA_YAML = "data.yaml"
 
 
 def round_speech_sets(run_dir: Path, cfg: DataConfig, round_: int) -> list[ShardSetRef]:
-    """Speech shard sets round ``round_`` trains on: the config's natural sets, plus every selected set
-    that ``runs/<name>/data.yaml`` lists from an earlier round up to this one."""
+    """Speech shard sets round ``round_`` trains on: the config's natural sets, plus every selected set that
+    ``runs/<name>/data.yaml`` lists from an earlier round up to this one (``mixed``)."""
     path = run_dir / DATA_YAML
-    if not path.is_file():
+    entries = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return mixed(cfg, _selected(entries, round_, path))
+
+
+def _selected(entries: dict, round_: int, where: Path) -> list[ShardSetRef]:
+    return [from_dict(ShardSetRef, {"path": e["path"], "weight": e["weight"]}, f"{where}: speech")
+            for e in entries.get("speech", []) if e.get("round", 0) <= round_]
+
+
+def mixed(cfg: DataConfig, selected: list[ShardSetRef]) -> list[ShardSetRef]:
+    """Natural and selected sets with the weights that give the selected ones ``cfg.selected_share`` of the
+    documents; within each group the configured weights keep their proportions."""
+    if not selected or cfg.selected_share == 0:
         return list(cfg.speech)
-    entries = yaml.safe_load(path.read_text()) or {}
-    selected = [from_dict(ShardSetRef, {k: v for k, v in e.items() if k != "round"}, f"{path}: speech")
-                for e in entries.get("speech", []) if e.get("round", 0) <= round_]
-    return list(cfg.speech) + selected
+    natural_total, selected_total = sum(r.weight for r in cfg.speech), sum(r.weight for r in selected)
+    return ([ShardSetRef(r.path, (1 - cfg.selected_share) * r.weight / natural_total) for r in cfg.speech]
+            + [ShardSetRef(r.path, cfg.selected_share * r.weight / selected_total) for r in selected])
 
 
-def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int) -> None:
-    """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op)."""
+def shares(refs: list[ShardSetRef]) -> dict[str, float]:
+    """Each set's share of the documents drawn (its weight over the sum)."""
+    total = sum(r.weight for r in refs)
+    return {r.path: r.weight / total for r in refs}
+
+
+def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int, cfg: DataConfig) -> None:
+    """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op), its weight relative to the
+    other selected sets (e.g. its documents), and write down the share of speech documents every set gets from
+    this round on (``share``; the natural sets under ``natural``)."""
     path = run_dir / DATA_YAML
     entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"speech": []}
     if not any(e["path"] == ref.path for e in entries["speech"]):
         entries["speech"].append({"path": ref.path, "weight": ref.weight, "round": round_})
-        atomic_write_bytes(path, yaml.safe_dump(entries, sort_keys=False).encode())
+    mix = shares(mixed(cfg, _selected(entries, round_, path)))
+    for entry in entries["speech"]:
+        entry["share"] = round(mix.get(entry["path"], 0.0), 6)
+    entries["natural"] = [{"path": r.path, "share": round(mix[r.path], 6)} for r in cfg.speech]
+    atomic_write_bytes(path, yaml.safe_dump(entries, sort_keys=False).encode())
