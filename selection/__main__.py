@@ -98,7 +98,7 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels:
     from rich.progress import Progress
 
     from model.build import load_export
-    from selection.probe import probe_texts, score_clusters
+    from selection.probe import cluster_scores, probe_texts, score_clusters
     from shards.format import atomic_write_json
     from train import distributed
     from train.objective import Objective
@@ -111,10 +111,16 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels:
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
         scores = score_clusters(Objective(student, cfg.loss), probes, tokenizer, sel.tts, student.encoder.sample_rate,
-                                cfg.inputs.context, sel.workers, rank, world, progress=lambda: bar.advance(job))
+                                cfg.inputs, sel.workers, rank, world, progress=lambda: bar.advance(job))
+    values, unscored = cluster_scores(scores, sel.score, sel.min_positions)
     if rank == 0:
-        atomic_write_json(out / "probe.json", {"score": sel.score, "clusters": {str(c): v for c, v in scores.items()}})
-    return np.array([scores[c][sel.score] for c in range(k)]), student.encoder.sample_rate
+        atomic_write_json(out / "probe.json", {"score": sel.score, "unscored": unscored,
+                                               "clusters": {str(c): v for c, v in scores.items()}})
+        if unscored:
+            print(f"round {round_}: clusters {unscored} had fewer than selection.min_positions={sel.min_positions} "
+                  "scorable probe positions (texts that could not be synthesized?): they get the mean score "
+                  f"(listed under 'unscored' in {out / 'probe.json'})", file=sys.stderr)
+    return values, student.encoder.sample_rate
 
 
 def select(cfg: ExperimentConfig, round_: int) -> Path:

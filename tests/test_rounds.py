@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selection.probe import probe_texts, split_text
+from selection.probe import cluster_scores, probe_texts, split_text
 from tests.conftest import kill_tree  # noqa: E402
 from train.data import DataConfig, ShardSetRef, append_speech_set, round_speech_sets, shares
 from train.engine import TrainConfig
@@ -22,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 def test_split_text_and_probe_choice():
     assert split_text("one") is None
     assert split_text("a b c d e") == ("a b", "c d e")
+    long = " ".join(f"w{i}" for i in range(1000))   # a FineWeb-Edu document: speak a span, score what follows
+    spoken, text = split_text(long, speech_words=15, text_words=30)
+    assert spoken.split() == [f"w{i}" for i in range(15)] and text.split() == [f"w{i}" for i in range(15, 45)]
+    scores = {0: {"M": 2.0, "positions": 40}, 1: {"M": 0.0, "positions": 0}, 2: {"M": 1.0, "positions": 40}}
+    values, unscored = cluster_scores(scores, "M", min_positions=8)
+    assert unscored == [1] and values.tolist() == [2.0, 1.5, 1.0]   # reported, and the mean of the others
     import numpy as np
 
     labels = np.array([0, 0, 0, 1, 1, 2])
