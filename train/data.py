@@ -7,6 +7,7 @@ of documents already consumed, so a resumed run sees exactly the batches an unin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,8 +86,14 @@ class BatchSource:
         return dict(self.consumed)
 
     def _take(self, name: str) -> list[Chunk]:
-        chunks = [next(self._iters[name]) for _ in range(self.cfg.docs_per_batch)]
-        self.consumed[name] += len(chunks)
+        """The next ``docs_per_batch`` chunks; a position the stream skipped as corrupt (None) counts as consumed,
+        so a resumed stream starts at the same position."""
+        chunks: list[Chunk] = []
+        while len(chunks) < self.cfg.docs_per_batch:
+            chunk = next(self._iters[name])
+            self.consumed[name] += 1
+            if chunk is not None:
+                chunks.append(chunk)
         return chunks
 
     def next(self, step: int, micro: int) -> tuple[Batch, bool]:
@@ -112,8 +119,8 @@ def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors
     the sums over ranks, and M and F, do not depend on the world size. Under ZeRO-3 every rank must run the
     forward: a rank without a row of its own runs row 0 and weights its sums by 0.
     """
-    stream = ShardStream([(path, 1.0)], seed=seed, rank=0, world=1, epochs=1)
-    chunks = [c for _, c in zip(range(max(1, docs)), stream, strict=False)]
+    stream = ShardStream([(path, 1.0)], StreamConfig(shuffle=1, open_shards=1), seed=seed, rank=0, world=1, epochs=1)
+    chunks = [c for c in itertools.islice(stream, max(1, docs)) if c is not None]
     rng = np.random.default_rng([seed, 0])
     documents = [interleave(c, tokenizer, inputs, rng) for c in chunks]
     rows = pack_rows(documents, vectors_for, inputs.context, tokenizer.bos_token_id)
