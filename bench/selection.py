@@ -121,6 +121,7 @@ def measure_probes(clusters: int = 8, per_cluster: int = 4) -> tuple[Row, float]
 
     from model.adapter import AdapterConfig
     from model.build import LLMConfig, ModelConfig, build_speech_lm
+    from model.inputs import InputsConfig
     from selection.probe import score_clusters
     from toy.tiny import tiny_llm, train_tokenizer
     from train.objective import LossConfig, Objective
@@ -134,7 +135,7 @@ def measure_probes(clusters: int = 8, per_cluster: int = 4) -> tuple[Row, float]
                                                                   kv_heads=1))).eval()
     probes = {c: texts[c * per_cluster:(c + 1) * per_cluster] for c in range(clusters)}
     scores, wall, cpu = timed(score_clusters, Objective(model, LossConfig()), probes, tokenizer, TTSConfig(), SR,
-                              2048, 1)
+                              InputsConfig(), 1)
     assert len(scores) == clusters
     n = clusters * per_cluster
     return Row("probes (TTS + M, F, D; tiny student)", f"{clusters} clusters x {per_cluster} texts", wall, cpu,

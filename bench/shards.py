@@ -5,7 +5,10 @@ Generates a manifest of synthetic speech-like WAV files (16 kHz, 2-8 s each), th
   - ``python -m shards.build`` on that manifest (``--workers`` processes), end to end and without
     the interpreter's start-up (timed separately with ``--help``, which imports the same modules);
   - ``ShardStream`` reading and decoding (FLAC -> float32) the built shards, in this process and
-    through a DataLoader with ``--workers`` processes.
+    through a DataLoader with ``--workers`` processes;
+  - forced alignment (``shards.align``, what ``shards.build --align`` runs per spoken segment) of espeak-ng
+    sentences: an MMS_FA-shaped wav2vec2 (random weights: the bundle's are not downloadable here; the compute
+    is the same) and the toy encoder's architecture (random weights), one process, one thread.
 
 Throughput is x real time per core: audio-seconds per core-second. Two ways to count core-seconds are
 shown: wall time x the processes doing the work, and the CPU time they used (this process plus its
@@ -14,8 +17,8 @@ several jobs at once) wall time includes waiting for a core, so the RESULT lines
 
     python bench/shards.py [--minutes 60] [--seconds 4] [--workers 2]   (or python -m bench.shards)
 
-The last lines are ``RESULT stream_rt_per_core <x>`` (in-process stream) and
-``RESULT build_rt_per_core <x>`` (build without start-up). Goal: stream >= 1000x real time per core.
+The last lines are ``RESULT stream_rt_per_core <x>`` (in-process stream), ``RESULT build_rt_per_core <x>``
+(build without start-up) and ``RESULT align_mms_rt_per_core <x>``. Goal: stream >= 1000x real time per core.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
+import torchaudio
 import webdataset
 from rich.console import Console
 from rich.table import Table
@@ -168,11 +172,42 @@ def machine() -> str:
             f"{sf.__libsndfile_version__})")
 
 
+def measure_alignment(sentences: int) -> list[Measure]:
+    """Alignment of ``sentences`` espeak-ng sentences by each aligner, timed apart from the synthesis."""
+    from shards.align import mms_fa_aligner
+    from shards.tts import TTSConfig, make_tts
+    from toy.align import aligner as toy_aligner
+    from toy.smoke import sentences as texts
+    from toy.speech_encoder import ToyEncoderArch, ToySpeechNet, phonemize_many, save_checkpoint
+
+    lines = texts(sentences, seed=0)
+    tts = make_tts(TTSConfig(), 16000)
+    audio = [tts.synthesize(line) for line in lines]
+    seconds = sum(len(a) for a in audio) / 16000
+    with tempfile.TemporaryDirectory() as toy:
+        phonemes = sorted({p for word in phonemize_many(" ".join(lines).split()) for p in word})
+        save_checkpoint(ToySpeechNet(ToyEncoderArch(), phonemes), toy, {})
+        bundle = torchaudio.pipelines.MMS_FA
+        aligners = {"MMS_FA shape (wav2vec2, random weights)":
+                    mms_fa_aligner(torchaudio.models.wav2vec2_model(**bundle._params)),
+                    "toy encoder architecture (random weights)": toy_aligner(toy)}
+        out = []
+        for name, aligner in aligners.items():
+            aligner.align(audio[0], 16000, lines[0])   # warm-up
+            cpu, start = cpu_seconds(), time.perf_counter()
+            for wave, line in zip(audio, lines, strict=True):
+                aligner.align(wave, 16000, line)
+            out.append(Measure(f"forced alignment: {name}", seconds, time.perf_counter() - start,
+                               cpu_seconds() - cpu, 1))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="minutes of generated audio")
     p.add_argument("--seconds", type=float, default=4.0, help="time spent on each read measurement")
     p.add_argument("--workers", type=int, default=2, help="build processes and DataLoader workers")
+    p.add_argument("--align-sentences", type=int, default=8, help="espeak-ng sentences aligned (0: skip)")
     args = p.parse_args()
     torch.set_num_threads(1)
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -192,12 +227,13 @@ def main() -> None:
         epochs = max(1, round(args.seconds / first.wall_s))
         stream = measure_stream(tmp / "shards", epochs, 0)
         stream_workers = measure_stream(tmp / "shards", epochs * max(args.workers, 1), args.workers)
+    aligned = measure_alignment(args.align_sentences) if args.align_sentences else []
 
     table = Table(title="Shards: build and stream throughput, x real time per core")
     for column in ("measurement", "audio s", "wall s", "processes", "CPU s", "per core (wall)",
                    "per core (CPU)", "vs baseline (CPU)"):
         table.add_column(column, justify="left" if column == "measurement" else "right")
-    for m in (baseline, build_all, build, stream, stream_workers):
+    for m in (baseline, build_all, build, stream, stream_workers, *aligned):
         table.add_row(m.name, f"{m.audio_s:.0f}", f"{m.wall_s:.2f}", str(m.cores), f"{m.cpu_s:.2f}",
                       f"{m.rt_wall:.0f}x" if m.wall_s > 0 else "(noise)", f"{m.rt_cpu:.0f}x",
                       f"{m.rt_cpu / baseline.rt_cpu:.3f}")
@@ -207,6 +243,9 @@ def main() -> None:
                   f"({stream.rt_cpu:.0f}x per CPU-second, {stream.rt_wall:.0f}x per wall-second)")
     print(f"RESULT stream_rt_per_core {stream.rt_cpu:.1f}")
     print(f"RESULT build_rt_per_core {build.rt_cpu:.1f}")
+    if aligned:
+        print(f"RESULT align_mms_rt_per_core {aligned[0].rt_cpu:.1f}")
+        print(f"RESULT align_toy_rt_per_core {aligned[1].rt_cpu:.1f}")
 
 if __name__ == "__main__":
     main()

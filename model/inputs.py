@@ -19,6 +19,7 @@ Two stages, so that the expensive part stays vectorised and the data-dependent p
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from shards.format import Chunk
 from train.config import require
 
 TEXT, SPEECH = 0, 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,11 +140,17 @@ def interleave(chunk: Chunk, tokenizer, cfg: InputsConfig, rng: np.random.Genera
     return Document(out, chunk.key)
 
 
+TEXT_SPAN_WORDS = 64   # words per span of a text-only document: where packing may cut a long one
+
+
 def text_document(chunk: Chunk, tokenizer) -> Document:
-    """All segments as one text span (anti-forgetting text batches, text-mode evaluation)."""
-    text = " ".join(seg.text.strip() for seg in chunk.segments if seg.text.strip())
-    ids = _tokenize(tokenizer, text, first=True)
-    return Document([Span(TEXT, ids)] if ids else [], chunk.key)
+    """All segments as text (anti-forgetting text batches, text-mode evaluation), in spans of at most
+    ``TEXT_SPAN_WORDS`` words: the same tokens as one span where the tokenizer splits words at spaces, and places
+    where ``pack_rows`` can cut a document longer than the context at a word boundary."""
+    words = " ".join(seg.text.strip() for seg in chunk.segments if seg.text.strip()).split()
+    spans = [Span(TEXT, _tokenize(tokenizer, " ".join(words[i:i + TEXT_SPAN_WORDS]), first=i == 0))
+             for i in range(0, len(words), TEXT_SPAN_WORDS)]
+    return Document([s for s in spans if s.ids], chunk.key)
 
 
 @dataclass
@@ -201,16 +209,13 @@ def pack_rows(docs: Sequence[Document], vectors_for: Callable[[int], int], conte
               bos_id: int | None) -> list[list[Document]]:
     """Group documents into rows of at most ``context`` positions.
 
-    Greedy first fit in order; a document longer than the context is cut at a span boundary (a
-    span that alone overflows is dropped). ``vectors_for(samples)`` is an upper bound of the
-    adapter vectors a speech span gets (exact without compression).
+    Greedy first fit in order; a document longer than the context is cut into pieces that fit
+    (``pieces``), each packed as a document of its own. ``vectors_for(samples)`` is an upper bound of
+    the adapter vectors a speech span gets (exact without compression).
     """
     rows: list[list[Document]] = []
     room: list[tuple[int, int]] = []
-    for doc in docs:
-        doc = _truncate(doc, vectors_for, context, bos_id is not None)
-        if not doc.spans:
-            continue
+    for doc in [piece for whole in docs for piece in pieces(whole, vectors_for, context, bos_id is not None)]:
         s_len, t_len = doc.lengths(vectors_for, bos_id is not None)
         for r, (s_used, t_used) in enumerate(room):
             if s_used + s_len <= context and t_used + t_len <= context:
@@ -269,14 +274,34 @@ def batch_of_rows(rows: Sequence[Sequence[Document]], vectors_for: Callable[[int
     return batch
 
 
-def _truncate(doc: Document, vectors_for: Callable[[int], int], context: int, bos: bool) -> Document:
-    spans: list[Span] = []
+def pieces(doc: Document, vectors_for: Callable[[int], int], context: int, bos: bool) -> list[Document]:
+    """``doc`` as consecutive documents that each fit ``context``, cut between spans: spans are at most a few
+    dozen words, so a long document loses nothing and is cut at word boundaries. A text span longer than the
+    context on its own is cut between tokens; a speech span that is (minutes of audio, more vectors than the
+    context holds) is left out with a warning. Pieces after the first get the key ``<key>#<n>``: their teacher
+    reads them alone, which a cache of whole documents does not hold."""
+    out: list[list[Span]] = [[]]
+    used = (int(bos), int(bos))   # (student, teacher) positions of the piece being filled
     for span in doc.spans:
-        candidate = Document(spans + [span])
-        if max(candidate.lengths(vectors_for, bos)) > context:
-            break
-        spans.append(span)
-    return Document(spans, doc.key)
+        n = len(span.ids)
+        size = (n, n) if span.kind == TEXT else (vectors_for(len(span.audio)) + 2, n)
+        if max(size) + int(bos) > context:
+            if span.kind == SPEECH:
+                log.warning("a speech span of %d samples needs %d positions, more than the context (%d): "
+                            "left out of document %r", len(span.audio), size[0], context, doc.key)
+                continue
+            room = context - int(bos)
+            parts = [Span(TEXT, span.ids[i:i + room]) for i in range(0, n, room)]
+        else:
+            parts = [span]
+        for part in parts:
+            size = (len(part.ids), len(part.ids)) if part.kind == TEXT else size
+            if out[-1] and max(used[0] + size[0], used[1] + size[1]) > context:
+                out.append([])
+                used = (int(bos), int(bos))
+            out[-1].append(part)
+            used = (used[0] + size[0], used[1] + size[1])
+    return [Document(spans, doc.key if i == 0 else f"{doc.key}#{i}") for i, spans in enumerate(out) if spans]
 
 
 def _row_starts(lengths: torch.Tensor, unit_row: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,7 +373,7 @@ class Layout:
         t_len = torch.where(is_speech, batch.span_token_count[safe_span], ones) if batch.num_speech else ones
         s_start, s_total = _row_starts(s_len, batch.unit_row, batch.rows)
         t_start, t_total = _row_starts(t_len, batch.unit_row, batch.rows)
-        student_len, teacher_len = int(s_total.max()), int(t_total.max())
+        student_len, teacher_len = (int(s_total.max()), int(t_total.max())) if batch.rows else (0, 0)
         device = kind.device
         student_mask = torch.arange(student_len, device=device)[None] < s_total[:, None]
         teacher_mask = torch.arange(teacher_len, device=device)[None] < t_total[:, None]

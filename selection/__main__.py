@@ -98,7 +98,7 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels:
     from rich.progress import Progress
 
     from model.build import load_export
-    from selection.probe import probe_texts, score_clusters
+    from selection.probe import cluster_scores, probe_texts, score_clusters
     from shards.format import atomic_write_json
     from train import distributed
     from train.objective import Objective
@@ -111,10 +111,16 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels:
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
         scores = score_clusters(Objective(student, cfg.loss), probes, tokenizer, sel.tts, student.encoder.sample_rate,
-                                cfg.inputs.context, sel.workers, rank, world, progress=lambda: bar.advance(job))
+                                cfg.inputs, sel.workers, rank, world, progress=lambda: bar.advance(job))
+    values, unscored = cluster_scores(scores, sel.score, sel.min_positions)
     if rank == 0:
-        atomic_write_json(out / "probe.json", {"score": sel.score, "clusters": {str(c): v for c, v in scores.items()}})
-    return np.array([scores[c][sel.score] for c in range(k)]), student.encoder.sample_rate
+        atomic_write_json(out / "probe.json", {"score": sel.score, "unscored": unscored,
+                                               "clusters": {str(c): v for c, v in scores.items()}})
+        if unscored:
+            print(f"round {round_}: clusters {unscored} had fewer than selection.min_positions={sel.min_positions} "
+                  "scorable probe positions (texts that could not be synthesized?): they get the mean score "
+                  f"(listed under 'unscored' in {out / 'probe.json'})", file=sys.stderr)
+    return values, student.encoder.sample_rate
 
 
 def select(cfg: ExperimentConfig, round_: int) -> Path:
@@ -122,7 +128,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
 
     from selection.allocate import allocate, allocation_table, target_shares
     from shards.build import synthesize_documents
-    from shards.format import atomic_write_bytes, atomic_write_json
+    from shards.format import atomic_write_bytes, atomic_write_json, read_index
     from train import distributed
     from train.data import ShardSetRef, append_speech_set
 
@@ -173,9 +179,9 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     shards = synthesize_documents([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
                                   sample_rate, sel.workers, source=f"selection-round-{round_}",
                                   seed=cfg.seed + round_, part=(rank, world), barrier=distributed.barrier)
-    if rank == 0:
-        weight = sel.mix_weight or max(1e-3, budget / max(natural_seconds(cfg), 1e-9))
-        append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=weight), round_)
+    if rank == 0:   # weighted by its documents among the selected sets (data.selected_share is theirs together)
+        append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=float(read_index(shards)["docs"])), round_,
+                          cfg.data)
         (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen), "budget_s": budget})
                                 + "\n")
         console.print(f"round {round_}: {sel.strategy} selection of {len(chosen)} texts (~{budget:.0f} s) from {k} "

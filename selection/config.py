@@ -19,12 +19,12 @@ class SelectionConfig:
     clusters: int = 128             # K of the balanced k-means
     tolerance: float = 0.05         # cluster sizes within this fraction of N/K
     probes: int = 8                 # probe texts per cluster
+    min_positions: int = 8          # a cluster scored at fewer probe positions is reported and gets the mean score
     score: Literal["M", "F", "D"] = "M"   # M misalignment, F forgetting, D teacher-vs-student-on-speech KL
     gamma: float = 5.0              # P(c) ~ P_pool(c) * score(c)^gamma; 0 = uniform over the pool
     budget_s: float = 0.0           # speech seconds per round; 0: budget_fraction of the natural speech
     budget_fraction: float = 0.01
     words_per_second: float = 2.6   # to estimate a text's spoken length before synthesis
-    mix_weight: float = 0.0         # mixing weight of selected shards vs natural (weight 1); 0: by duration
     tts: TTSConfig = field(default_factory=TTSConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     workers: int = 1                # TTS processes
@@ -32,7 +32,7 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         require(self.clusters >= 1, "clusters", "must be >= 1")
         require(self.probes >= 1, "probes", "must be >= 1")
+        require(self.min_positions >= 1, "min_positions", "must be >= 1")
         require(self.gamma >= 0, "gamma", "must be >= 0")
         require(self.budget_s >= 0 and 0 <= self.budget_fraction <= 1, "budget_s", "budgets must be >= 0")
         require(self.words_per_second > 0, "words_per_second", "must be > 0")
-        require(self.mix_weight >= 0, "mix_weight", "must be >= 0")

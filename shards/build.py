@@ -38,6 +38,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from shards import sources
+from shards.align import Unaligned, WordAligner, load_aligner
 from shards.format import (
     FORMAT_VERSION,
     INDEX_NAME,
@@ -55,6 +56,7 @@ from shards.sources import Record, Rejected
 from shards.tts import TTS, TTSConfig, TTSError, make_tts
 
 BUILDER_VERSION = 1
+UNALIGNED = "unaligned"   # a spoken segment forced alignment could not time: kept without word timings
 _SHARD_FILE = re.compile(r"shard-(\d{6})\.(tar|json)")
 _TEMP_FILE = re.compile(r"\.(shard-\d{6}\.(tar|json)|index\.json|rejects\.jsonl)\..*\.tmp")
 _TAR_BLOCK = 512
@@ -80,6 +82,8 @@ class BuildConfig:
     lang: str = "en"
     seed: int = 0
     part: tuple[int, int] = (0, 1)   # (rank, world): build only this process's share of the documents
+    align: str = ""   # forced-alignment model giving spoken segments without timings their words (shards.align)
+    align_device: str = "auto"   # auto: a GPU when the worker sees one (MMS_FA runs ~2x real time per CPU core)
 
     def __post_init__(self) -> None:
         if not 0 <= self.part[0] < self.part[1]:
@@ -150,7 +154,8 @@ def fingerprint(plan: list[PlannedChunk], cfg: BuildConfig) -> str:
     """Everything that decides the output bytes (not --workers): a shard is reused only if this matches."""
     settings = {"builder_version": BUILDER_VERSION, "format_version": FORMAT_VERSION, "sr": cfg.sr,
                 "tts": asdict(cfg.tts) if cfg.tts else None, "shard_size_mb": cfg.shard_size_mb,
-                "max_seconds": cfg.max_seconds, "source": cfg.source, "lang": cfg.lang, "seed": cfg.seed}
+                "max_seconds": cfg.max_seconds, "source": cfg.source, "lang": cfg.lang, "seed": cfg.seed,
+                "align": cfg.align}
     blob = json.dumps([settings, [asdict(c) for c in plan]], sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -161,6 +166,7 @@ def fingerprint(plan: list[PlannedChunk], cfg: BuildConfig) -> str:
 class _Worker:
     cfg: BuildConfig
     tts: TTS | None
+    aligner: WordAligner | None
 
 
 _worker: _Worker | None = None
@@ -168,7 +174,10 @@ _worker: _Worker | None = None
 
 def _init_worker(cfg: BuildConfig, tts: TTS | None) -> None:
     global _worker
-    _worker = _Worker(cfg, tts)
+    device = cfg.align_device
+    if device == "auto":   # decided in the worker: a parent that touched CUDA could not fork workers that use it
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    _worker = _Worker(cfg, tts, load_aligner(cfg.align, device) if cfg.align else None)
 
 
 def _init_pool_worker(cfg: BuildConfig, tts: TTS | None) -> None:
@@ -180,11 +189,19 @@ def _process_chunk(task: PlannedChunk) -> ChunkResult:
     """Read (or synthesize) every segment of a chunk and encode the chunk as one sample."""
     assert _worker is not None, "worker was not initialised"
     segments, rejects = [], []
+    aligner = _worker.aligner
     for i, rec in enumerate(task.records):
         try:
-            segments.append(_segment(rec, task.first + i))
+            segment = _segment(rec, task.first + i)
         except Rejected as exc:
             rejects.append((rec.input, exc.reason))
+            continue
+        if aligner is not None and segment.audio is not None and not segment.words:
+            try:
+                segment.words = aligner.align(segment.audio, segment.sr, segment.text)
+            except Unaligned as exc:   # kept, as a whole-segment span; counted with the reason in the input
+                rejects.append((f"{rec.input} ({exc})", UNALIGNED))
+        segments.append(segment)
     cfg = _worker.cfg
     chunk = Chunk(key=task.key, doc=task.doc, source=cfg.source, lang=cfg.lang, segments=segments)
     return ChunkResult(task.index, task.doc, encode_chunk(chunk) if segments else None, len(segments),
@@ -460,6 +477,10 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--source", default="", help="source name stored in samples (default: input's name)")
     p.add_argument("--lang", default="en")
     p.add_argument("--seed", type=int, default=0, help="offsets the TTS voice/speed/pitch variants")
+    p.add_argument("--align", default="", metavar="MODEL",
+                   help="give spoken segments without word timings their words by forced alignment: mms_fa, a "
+                        "transformers CTC checkpoint folder, or module:argument (e.g. toy.align:assets/toy/encoder)")
+    p.add_argument("--align-device", default="auto", help="cpu, cuda, cuda:N; auto: a GPU when there is one")
     a = p.parse_args(argv)
     for name in ("sr", "workers", "shard_size_mb", "chunk_segments", "max_seconds"):
         value = getattr(a, name)
@@ -472,7 +493,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
         p.error(f"--tts: {exc}")
     return BuildConfig(input=a.input, out=a.out, sr=a.sr, format=a.format, audio_root=a.audio_root, tts=tts,
                        workers=a.workers, shard_size_mb=a.shard_size_mb, max_seconds=a.max_seconds,
-                       chunk_segments=a.chunk_segments, source=a.source, lang=a.lang, seed=a.seed)
+                       chunk_segments=a.chunk_segments, source=a.source, lang=a.lang, seed=a.seed, align=a.align,
+                       align_device=a.align_device)
 
 
 PARTS_DIR = ".parts"   # inside a shard set built by several processes: one shard set per process, until merged

@@ -1,12 +1,19 @@
-"""Streaming reads of shard sets: mixed by weight, split by rank and worker, resumable exactly.
+"""Streaming reads of shard sets: mixed by weight, split by rank and worker, shuffled, resumable exactly.
 
 Every DataLoader worker of every rank is one *slot* (``slot = rank * workers + worker``). Per epoch
 the shards of a set are shuffled from (seed, set, epoch), identically on every slot, then split: by
 shard when there are at least as many shards as slots, else by sample (every slot reads all shards
 and keeps sample i when ``i % slots == slot``, so no slot is ever empty). Either way one epoch gives
-every sample of the set to exactly one slot. A slot mixes its per-set streams with an RNG seeded from
-(seed, slot), so what a slot yields is a pure function of the arguments: resuming after a kill is
-skipping, without decoding audio, what the rank already consumed.
+every sample of the set to exactly one slot. A slot reads ``open_shards`` of its shards at once, a sample
+from each in turn, so that consecutive samples come from different shards (a shard holds the chunks of a
+few books one after the other); it mixes its per-set streams with an RNG seeded from (seed, slot), and
+permutes each block of ``shuffle`` mixed samples with an RNG seeded from (seed, slot, block).
+
+What a slot yields is thus a pure function of the arguments and of the number of samples in each shard,
+which ``index.json`` lists. Resuming after n samples replays the mixing and the shard schedule on those
+counts, without reading anything, then reads only the shards in progress, from their start (the block in
+progress: ``shuffle`` samples at most). A sample that cannot be read or decoded (``skip_corrupt``) still takes
+its place: the stream yields None there, so positions, and resume, stay exact.
 
 Python's tarfile silently stops at a member boundary where a shard was cut, or at a garbage header;
 so every shard must end with the tar end-of-archive blocks, and one listed in an ``index.json`` must
@@ -50,12 +57,13 @@ class StreamConfig:
     workers: int = 0  # DataLoader worker processes per rank (0: read in the training process)
     skip_corrupt: bool = False  # skip and count the rest of a corrupt shard instead of stopping
     prefetch: int = 4  # samples each worker keeps ready (DataLoader prefetch_factor)
+    open_shards: int = 8  # shards a slot reads at once, a sample from each in turn
+    shuffle: int = 64  # mixed samples permuted together (held in memory, undecoded); 1: stream order
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise ValueError(f"workers: must be >= 0, got {self.workers}")
-        if self.prefetch < 1:
-            raise ValueError(f"prefetch: must be >= 1, got {self.prefetch}")
+        for name, low in (("workers", 0), ("prefetch", 1), ("open_shards", 1), ("shuffle", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -64,23 +72,25 @@ class _ShardSet:
     urls: list[str]
     sha256: dict[str, str]  # url -> expected hash, for shards listed in an index
     weight: float
+    counts: dict[str, int]  # url -> samples, from the index (shards without a count are counted by reading)
 
 
 def _load_set(source: str | os.PathLike | list[str], weight: float) -> _ShardSet:
-    """A shard-set folder (its index gives URLs and hashes) or an explicit URL list."""
+    """A shard-set folder (its index gives URLs, hashes and sample counts) or an explicit URL list."""
     if isinstance(source, (str, os.PathLike)):
         name = str(source)
         urls = shard_urls(source)
-        sha = {url: entry["sha256"] for url, entry in zip(urls, read_index(source)["shards"], strict=True)
-               if entry.get("sha256")}
+        entries = read_index(source)["shards"]
+        sha = {url: e["sha256"] for url, e in zip(urls, entries, strict=True) if e.get("sha256")}
+        counts = {url: int(e["chunks"]) for url, e in zip(urls, entries, strict=True) if "chunks" in e}
     else:
-        urls, sha = [str(u) for u in source], {}
+        urls, sha, counts = [str(u) for u in source], {}, {}
         name = f"{urls[0]} (+{len(urls) - 1} more)" if urls else "[]"
     if not urls:
         raise ValueError(f"shard set {name}: no shards")
     if not weight > 0 or weight == float("inf"):
         raise ValueError(f"shard set {name}: weight must be a positive number, got {weight!r}")
-    return _ShardSet(name, urls, sha, float(weight))
+    return _ShardSet(name, urls, sha, float(weight), counts)
 
 
 class _CheckedReader:
@@ -113,6 +123,21 @@ class _CheckedReader:
         return None
 
 
+@dataclass(eq=False)
+class _Piece:
+    """What one slot reads of a shard in an epoch: samples start, start + step, ... below count."""
+
+    url: str
+    count: int
+    start: int
+    step: int
+    cursor: int = 0   # the next sample index its open reader yields
+
+    @property
+    def size(self) -> int:
+        return len(range(self.start, self.count, self.step))
+
+
 class ShardStream(IterableDataset):
     """Chunks from several shard sets mixed by weight, each sample once per epoch across ranks x workers.
 
@@ -138,7 +163,9 @@ class ShardStream(IterableDataset):
             raise ValueError(f"ShardStream: epochs ({epochs}) and skip ({skip}) must be >= 0")
         self.seed, self.epochs, self.skip, self.decode_audio = seed, epochs, skip, decode_audio
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def __iter__(self) -> Iterator[Chunk | None]:
+        """Chunks in a fixed order; None where a sample was skipped as corrupt (``skip_corrupt``): a position
+        the caller counts as consumed, so that resuming by count stays exact."""
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         # The DataLoader takes samples from its workers round-robin starting at worker 0: after N
@@ -147,35 +174,113 @@ class ShardStream(IterableDataset):
         worker = (worker + self.skip) % workers
         skip = self.skip // workers + (worker < self.skip % workers)
         slots, slot = self.world * workers, self.rank * workers + worker
-        streams = [self._set_samples(i, slot, slots) for i in range(len(self.sets))]
-        mixed = _mix(streams, [s.weight for s in self.sets], random.Random(f"mix:{self.seed}:{slot}"))
-        for sample in itertools.islice(mixed, skip, None):
-            chunk = self._decode(sample)
-            if chunk is not None:
-                yield chunk
+        block_size = self.cfg.shuffle
+        first_block = skip // block_size
+        plan = self._mix_plan(slot, slots)
+        starts = Counter(itertools.islice(plan, first_block * block_size))   # replayed: nothing read
+        streams = {i: self._set_samples(i, slot, slots, starts[i]) for i in range(len(self.sets))}
+        mixed = (next(streams[i]) for i in plan)
+        for block in itertools.count(first_block):
+            items = list(itertools.islice(mixed, block_size))
+            if not items:
+                return
+            order = list(range(len(items)))
+            random.Random(f"block:{self.seed}:{slot}:{block}").shuffle(order)
+            offset = skip - block * block_size if block == first_block else 0
+            for k in order[offset:]:
+                yield None if items[k] is None else self._decode(items[k])
 
-    def _set_samples(self, index: int, slot: int, slots: int) -> Iterator[dict[str, Any]]:
-        """Raw samples of one set for one slot, epoch after epoch."""
+    def _lengths(self, slot: int, slots: int) -> list[float]:
+        """Samples of each set's stream for this slot (infinite when streaming forever)."""
+        if self.epochs is None:
+            return [float("inf")] * len(self.sets)
+        return [sum(p.size for e in range(self.epochs) for p in self._pieces(i, e, slot, slots))
+                for i in range(len(self.sets))]
+
+    def _mix_plan(self, slot: int, slots: int) -> Iterator[int]:
+        """The set each mixed sample comes from, drawn by weight; a set drops out when its stream ends."""
+        rng = random.Random(f"mix:{self.seed}:{slot}")
+        left = dict(enumerate(self._lengths(slot, slots)))
+        left = {i: n for i, n in left.items() if n > 0}
+        while left:
+            live = list(left)
+            i = rng.choices(live, [self.sets[j].weight for j in live])[0] if len(live) > 1 else live[0]
+            yield i
+            left[i] -= 1
+            if not left[i]:
+                del left[i]
+
+    def _count(self, shard_set: _ShardSet, url: str) -> int:
+        """Samples in a shard: the index's count, or (a URL list) counted by reading it once."""
+        if url not in shard_set.counts:
+            shard_set.counts[url] = sum(1 for _ in self._shard_samples(url, shard_set.sha256.get(url)))
+        return shard_set.counts[url]
+
+    def _pieces(self, index: int, epoch: int, slot: int, slots: int) -> list[_Piece]:
+        """What this slot reads of a set in an epoch: whole shards, or every ``slots``-th sample of each."""
         shard_set = self.sets[index]
-        for epoch in itertools.count() if self.epochs is None else range(self.epochs):
-            urls = list(shard_set.urls)
-            random.Random(f"shards:{self.seed}:{index}:{epoch}").shuffle(urls)
-            if len(urls) >= slots:
-                samples = self._read(urls[slot::slots], shard_set)
-            else:
-                samples = itertools.islice(self._read(urls, shard_set), slot, None, slots)
-            empty = True
-            for sample in samples:
-                empty = False
-                yield sample
-            if empty and self.epochs is None:  # looping over nothing forever would hang the caller
-                raise ValueError(f"shard set {shard_set.name}: epoch {epoch} has no samples for slot "
-                                     f"{slot} of {slots} (fewer samples than ranks x workers, or every "
-                                     "shard skipped as corrupt)")
-
-    def _read(self, urls: list[str], shard_set: _ShardSet) -> Iterator[dict[str, Any]]:
+        urls = list(shard_set.urls)
+        random.Random(f"shards:{self.seed}:{index}:{epoch}").shuffle(urls)
+        if len(urls) >= slots:
+            return [_Piece(u, self._count(shard_set, u), 0, 1) for u in urls[slot::slots]]
+        pieces, offset = [], 0
         for url in urls:
-            yield from self._shard_samples(url, shard_set.sha256.get(url))
+            n = self._count(shard_set, url)
+            pieces.append(_Piece(url, n, (slot - offset) % slots, slots))
+            offset += n
+        return pieces
+
+    def _positions(self, index: int, slot: int, slots: int) -> Iterator[tuple[_Piece, int]]:
+        """(shard piece, sample index in its shard) of every sample of a set's stream, epoch after epoch:
+        ``open_shards`` pieces are read at once, a sample from each in turn; a finished piece's place goes to
+        the next piece. Counts only: no shard is read here."""
+        def queue() -> Iterator[_Piece]:
+            for epoch in itertools.count() if self.epochs is None else range(self.epochs):
+                pieces = [p for p in self._pieces(index, epoch, slot, slots) if p.size]
+                if not pieces and self.epochs is None:   # looping over nothing forever would hang the caller
+                    raise ValueError(f"shard set {self.sets[index].name}: epoch {epoch} has no samples for slot "
+                                     f"{slot} of {slots} (fewer samples than ranks x workers)")
+                yield from pieces
+
+        waiting = queue()
+        lanes = [[p, 0] for p in itertools.islice(waiting, self.cfg.open_shards)]
+        while lanes:
+            for lane in list(lanes):
+                piece, k = lane
+                yield piece, piece.start + k * piece.step
+                lane[1] += 1
+                if lane[1] == piece.size:
+                    following = next(waiting, None)
+                    if following is None:
+                        lanes.remove(lane)
+                    else:
+                        lane[:] = [following, 0]
+
+    def _set_samples(self, index: int, slot: int, slots: int, start: int) -> Iterator[dict[str, Any] | None]:
+        """Raw samples of a set's stream for this slot from its ``start``-th on (None where one could not be
+        read); only the shards in progress at ``start`` are read from their beginning."""
+        shard_set = self.sets[index]
+        readers: dict[int, Iterator[dict[str, Any] | None]] = {}
+        for piece, at in itertools.islice(self._positions(index, slot, slots), start, None):
+            reader = readers.get(id(piece))
+            if reader is None:
+                reader = readers[id(piece)] = self._padded(piece, shard_set.sha256.get(piece.url))
+            sample = next(itertools.islice(reader, at - piece.cursor, None))
+            piece.cursor = at + 1
+            if at + piece.step >= piece.count:   # the piece's last sample
+                del readers[id(piece)]
+            yield sample
+
+    def _padded(self, piece: _Piece, sha256: str | None) -> Iterator[dict[str, Any] | None]:
+        """A shard's raw samples in order, then None up to the index's count where it ended early."""
+        piece.cursor = 0
+        n = 0
+        for sample in self._shard_samples(piece.url, sha256):
+            if n == piece.count:
+                break
+            yield sample
+            n += 1
+        yield from itertools.repeat(None, piece.count - n)
 
     def _shard_samples(self, url: str, sha256: str | None) -> Iterator[dict[str, Any]]:
         """Raw samples of one shard; a corrupt one raises ShardReadError, or is skipped and counted."""
@@ -220,17 +325,6 @@ def _reason(exc: BaseException) -> str:
     text = str(exc.args[0]) if exc.args else type(exc).__name__
     failed_pipe = re.search(r": exit (-?\d+) \(read\)", text)
     return f"command exited with status {failed_pipe[1]}" if failed_pipe else text.split(" @ ")[0]
-
-
-def _mix(streams: list[Iterator[Any]], weights: list[float], rng: random.Random) -> Iterator[Any]:
-    """Draw the next item from a stream picked by weight; an exhausted stream drops out."""
-    streams, weights = list(streams), list(weights)
-    while streams:
-        i = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
-        try:
-            yield next(streams[i])
-        except StopIteration:
-            del streams[i], weights[i]
 
 
 def stream_loader(stream: ShardStream, workers: int | None = None) -> DataLoader:

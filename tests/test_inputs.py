@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from model.inputs import SPEECH, TEXT, Document, InputsConfig, Layout, Span, interleave, pack, text_document
+from model.inputs import (
+    SPEECH,
+    TEXT,
+    Document,
+    InputsConfig,
+    Layout,
+    Span,
+    interleave,
+    pack,
+    pieces,
+    text_document,
+)
 from shards.format import Chunk, Segment
 from train.config import ConfigError, from_dict
 
@@ -88,10 +99,41 @@ def test_packing_respects_context_and_compressed_vectors():
     assert layout.student_len < full.student_len
 
 
-def test_long_document_is_cut_at_a_span_boundary():
-    doc = Document([Span(TEXT, list(range(2, 12))), Span(TEXT, list(range(12, 30)))])
-    batch = pack([doc], vectors_for, context=16, bos_id=None)
-    assert batch.unit_token.tolist() == list(range(2, 12))
+def test_long_document_is_cut_into_pieces_never_dropped():
+    """A document longer than the context is packed as pieces cut between spans (a text span longer than the
+    context alone between tokens): every token is trained on. Before, everything past the first overflow was
+    dropped, and a span that alone overflowed took the whole document with it."""
+    doc = Document([Span(TEXT, list(range(2, 12))), Span(TEXT, list(range(12, 30)))], key="k")
+    cut = pieces(doc, vectors_for, context=16, bos=False)
+    assert [d.key for d in cut] == ["k", "k#1", "k#2"] and [len(d.spans[0].ids) for d in cut] == [10, 16, 2]
+    assert [t for d in cut for s in d.spans for t in s.ids] == list(range(2, 30))
+    batch = pack([doc], vectors_for, context=16, bos_id=None)   # the short last piece joins the first row
+    assert sorted(batch.unit_token.tolist()) == list(range(2, 30)) and batch.rows == 2
+    audio = lambda s: np.zeros(int(s * SR), dtype=np.float32)  # noqa: E731
+    spoken = Document([Span(TEXT, [5, 6]), Span(SPEECH, [7, 8], audio(2.0)), Span(TEXT, [9, 10, 11]),
+                       Span(SPEECH, [12], audio(60.0)),   # 240 vectors: more than the context on its own
+                       Span(SPEECH, [13, 14], audio(1.0)), Span(TEXT, [15, 16])], key="s")
+    batch = pack([spoken], vectors_for, context=16, bos_id=1)
+    assert sorted(batch.span_tokens.tolist()) == [7, 8, 13, 14] and batch.num_speech == 2   # the long one left out
+    assert sorted(t for t in batch.unit_token.tolist() if t > 1) == [5, 6, 9, 10, 11, 15, 16]
+    assert batch.layout.student_len <= 16 and batch.layout.teacher_len <= 16
+
+
+def test_a_long_text_document_keeps_every_word(tokenizer):
+    words = ("the quick brown fox jumps over the lazy dog near the river " * 90).split()   # 990 words
+    doc = text_document(Chunk("k", "doc", segments=[Segment(" ".join(words))]), tokenizer)
+    whole = tokenizer.encode(" ".join(words), add_special_tokens=False)
+    assert [t for span in doc.spans for t in span.ids] == whole   # spans of <= 64 words: the same tokens
+    cut = pieces(doc, lambda n: 0, context=128, bos=True)
+    assert [t for d in cut for s in d.spans for t in s.ids] == whole and len(cut) > 5
+    assert all(max(d.lengths(lambda n: 0, True)) <= 128 for d in cut)
+    batch = pack([doc], lambda n: 0, context=128, bos_id=0)
+    assert len(batch.unit_token) == len(whole) + len(cut)   # every token, and a BOS per piece
+
+
+def test_an_empty_pack_is_an_empty_batch():
+    batch = pack([], vectors_for, context=16, bos_id=1)
+    assert batch.rows == 0 and batch.layout.student_len == 0 and batch.layout.map_row.numel() == 0
 
 
 def chunk_with_words(tokenizer):

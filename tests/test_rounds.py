@@ -1,5 +1,6 @@
 """Rounds end to end with ./run.sh on the smoke config: selection, stage II, eval, report, resume."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from selection.probe import probe_texts, split_text
+from selection.probe import cluster_scores, probe_texts, split_text
 from tests.conftest import kill_tree  # noqa: E402
-from train.data import DataConfig, ShardSetRef, append_speech_set, round_speech_sets
+from train.data import DataConfig, ShardSetRef, append_speech_set, round_speech_sets, shares
+from train.engine import TrainConfig
+from train.schedule import wsd_factor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,6 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 def test_split_text_and_probe_choice():
     assert split_text("one") is None
     assert split_text("a b c d e") == ("a b", "c d e")
+    long = " ".join(f"w{i}" for i in range(1000))   # a FineWeb-Edu document: speak a span, score what follows
+    spoken, text = split_text(long, speech_words=15, text_words=30)
+    assert spoken.split() == [f"w{i}" for i in range(15)] and text.split() == [f"w{i}" for i in range(15, 45)]
+    scores = {0: {"M": 2.0, "positions": 40}, 1: {"M": 0.0, "positions": 0}, 2: {"M": 1.0, "positions": 40}}
+    values, unscored = cluster_scores(scores, "M", min_positions=8)
+    assert unscored == [1] and values.tolist() == [2.0, 1.5, 1.0]   # reported, and the mean of the others
     import numpy as np
 
     labels = np.array([0, 0, 0, 1, 1, 2])
@@ -29,16 +38,49 @@ def test_split_text_and_probe_choice():
 
 
 def test_data_yaml_appends_once_and_rounds_see_their_sets(tmp_path):
-    cfg = DataConfig(speech=[ShardSetRef("natural")])
+    cfg = DataConfig(speech=[ShardSetRef("natural")], selected_share=0.4)
     assert [r.path for r in round_speech_sets(tmp_path, cfg, 3)] == ["natural"]
-    append_speech_set(tmp_path, ShardSetRef("sel1", 0.5), 1)
-    append_speech_set(tmp_path, ShardSetRef("sel1", 0.5), 1)     # a re-run after a crash: no duplicate
-    append_speech_set(tmp_path, ShardSetRef("sel2", 0.5), 2)
-    entries = yaml.safe_load((tmp_path / "data.yaml").read_text())["speech"]
-    assert [e["path"] for e in entries] == ["sel1", "sel2"]
+    append_speech_set(tmp_path, ShardSetRef("sel1", 30.0), 1, cfg)
+    append_speech_set(tmp_path, ShardSetRef("sel1", 30.0), 1, cfg)     # a re-run after a crash: no duplicate
+    append_speech_set(tmp_path, ShardSetRef("sel2", 10.0), 2, cfg)
+    written = yaml.safe_load((tmp_path / "data.yaml").read_text())
+    assert [e["path"] for e in written["speech"]] == ["sel1", "sel2"]
     assert [r.path for r in round_speech_sets(tmp_path, cfg, 0)] == ["natural"]
     assert [r.path for r in round_speech_sets(tmp_path, cfg, 1)] == ["natural", "sel1"]
-    assert [(r.path, r.weight) for r in round_speech_sets(tmp_path, cfg, 2)][-1] == ("sel2", 0.5)
+    round_2 = shares(round_speech_sets(tmp_path, cfg, 2))
+    assert round_2 == pytest.approx({"natural": 0.6, "sel1": 0.3, "sel2": 0.1})   # selected: 0.4, by documents
+    assert {e["path"]: e["share"] for e in written["speech"] + written["natural"]} == pytest.approx(round_2)
+
+
+def test_selected_speech_gets_its_share_whatever_the_natural_sets_weigh(tmp_path):
+    """The real-scale configs weigh the natural sets in hours (LibriHeavy 50, Emilia 91): the selected set must
+    still give ``selected_share`` of the documents the stream draws, not 0.01 / 141 of them."""
+    from shards.build import build_texts
+    from shards.stream import ShardStream
+
+    for name in ("libriheavy", "emilia", "selected"):
+        build_texts([(f"{name}-{i}", f"a text of {name} number {i}") for i in range(40)], tmp_path / name)
+    cfg = DataConfig(speech=[ShardSetRef(str(tmp_path / "libriheavy"), 50.0),
+                             ShardSetRef(str(tmp_path / "emilia"), 91.0)])   # the default share, 0.5
+    append_speech_set(tmp_path, ShardSetRef(str(tmp_path / "selected"), 40.0), 1, cfg)
+    sets = round_speech_sets(tmp_path, cfg, 1)
+    stream = ShardStream([(r.path, r.weight) for r in sets], seed=0, decode_audio=False)
+    drawn = [chunk.doc.split("-")[0] for chunk, _ in zip(stream, range(4000), strict=False)]
+    realised = {name: drawn.count(name) / len(drawn) for name in ("libriheavy", "emilia", "selected")}
+    assert realised["selected"] == pytest.approx(0.5, abs=0.03), realised
+    assert realised["emilia"] / realised["libriheavy"] == pytest.approx(91 / 50, rel=0.1), realised
+
+
+def test_stage_two_decays_over_its_whole_length_from_stage_one():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, decay_fraction=0.2, stage2_steps=40)
+    stage2 = cfg.for_round(1)
+    assert (stage2.max_steps, stage2.warmup_steps, stage2.decay_fraction) == (40, 0, 1.0)
+    factors = [wsd_factor(s, stage2.max_steps, stage2.warmup_steps, stage2.decay_fraction) for s in range(40)]
+    assert factors[0] == 1.0 and factors[-1] == 1 / 40
+    assert all(a > b for a, b in zip(factors, factors[1:], strict=False))
+    assert [cfg.stage2_start(r) for r in (1, 2, 3)] == [0, 0, 0]   # no stable phase: every round from stage I
+    kept = dataclasses.replace(cfg, stage2_decay_fraction=0.2)      # the other option: a stable phase first
+    assert kept.for_round(2).decay_fraction == 0.2 and [kept.stage2_start(r) for r in (1, 2, 3)] == [0, 1, 2]
 
 
 def run_sh(run_dir: Path, **kw) -> subprocess.Popen:
@@ -85,6 +127,13 @@ def test_run_sh_two_rounds_resume_after_interruption(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [0, 1, 2]
     assert (out / "report.md").is_file()
-    # stage II started from the previous round's pre-decay checkpoint and ran its own schedule
+    # stage II started from stage I's pre-decay checkpoint (every round: it decays over its whole length) and ran
+    # its own schedule
     log = [json.loads(x) for x in (out / "round-1/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and log[-1]["lr"] == 0.0
+    for r in (1, 2):
+        started = json.loads((out / f"round-{r}/DONE").read_text())["started_from"]
+        assert started == str(out / "round-0/checkpoints/pre-decay"), started
+        assert not (out / f"round-{r}/checkpoints/pre-decay").exists()
+    mix = json.loads((out / "round-2/data_mix.json").read_text())["speech_shares"]
+    assert sum(v for p, v in mix.items() if "selection" in p) == pytest.approx(0.5)

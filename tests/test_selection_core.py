@@ -330,7 +330,8 @@ def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(t
     for parts in spoken.values():
         assert all(len(p.split()) >= 3 for p in parts) and all(len(p.split()) <= 10 for p in parts[:-1])
     entries = yaml.safe_load((cfg.run.path() / "data.yaml").read_text())["speech"]
-    assert entries == [{"path": str(out / "shards"), "weight": pytest.approx(0.07), "round": 1}]
+    docs = json.loads((out / "shards/index.json").read_text())["docs"]   # weight among the selected: documents
+    assert entries == [{"path": str(out / "shards"), "weight": float(docs), "round": 1, "share": 0.5}]
     assert json.loads((out / DONE).read_text()) == {"strategy": "uniform", "texts": len(chosen), "budget_s": 7.0}
     again = select(cfg, 2)   # the next round never draws a text twice
     second = {json.loads(x)["index"] for x in (again / "chosen.jsonl").read_text().splitlines()}

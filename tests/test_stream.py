@@ -1,6 +1,8 @@
 """ShardStream: rank x worker splits, epochs, mixing, exact resume, corrupt shards, pipe URLs."""
 
+import hashlib
 import itertools
+import json
 import re
 import shlex
 import shutil
@@ -36,7 +38,7 @@ def make_set(folder: Path, name: str, shards: int, per_shard: int,
         chunks = [chunk(name, s * per_shard + j) for j in range(per_shard)]
         url = f"shard-{s:06d}.tar"
         sha = write_shard(folder / url, chunks)
-        entries.append({"url": url, "docs": len({c.doc for c in chunks}),
+        entries.append({"url": url, "chunks": len(chunks), "docs": len({c.doc for c in chunks}),
                         "segments": sum(len(c.segments) for c in chunks),
                         "seconds": sum(c.seconds for c in chunks), "sha256": sha})
         keys += [c.key for c in chunks]
@@ -70,7 +72,8 @@ def few(pristine, tmp_path):
 
 
 def keys_of(stream: ShardStream, workers: int, limit: int | None = None) -> list[str]:
-    return [c.key for c in itertools.islice(stream_loader(stream, workers), limit)]
+    """Keys of the first ``limit`` positions, less those skipped as corrupt (None)."""
+    return [c.key for c in itertools.islice(stream_loader(stream, workers), limit) if c is not None]
 
 
 def per_rank(sets, world: int = 2, workers: int = 2, **kwargs) -> list[list[str]]:
@@ -109,7 +112,8 @@ def test_samples_round_trip_through_workers(few):
 
 def test_epochs_reshuffle_the_same_content(many):
     folder, keys = many
-    stream = ShardStream([(folder, 1.0)], seed=1, epochs=2, decode_audio=False)
+    # one shard at a time, no shuffle: epochs do not overlap (with lanes an epoch starts as the last ends)
+    stream = ShardStream([(folder, 1.0)], StreamConfig(shuffle=1, open_shards=1), seed=1, epochs=2, decode_audio=False)
     order = keys_of(stream, workers=0)
     first, second = order[:len(keys)], order[len(keys):]
     assert sorted(first) == sorted(second) == sorted(keys)
@@ -249,3 +253,71 @@ def test_bad_arguments_name_the_problem(many, tmp_path):
         ShardStream([([], 1.0)])
     with pytest.raises(ValueError, match="workers"):
         StreamConfig(workers=-1)
+
+
+def _book_chunk(name: str, i: int) -> Chunk:
+    """Books as audiobook shards hold them: 20 consecutive chunks per book, two books per shard."""
+    return Chunk(key=f"{name}_{i:04d}", doc=f"book{i // 20}", source="test", segments=[Segment(f"text {i}")])
+
+
+@pytest.fixture(scope="module")
+def books(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("books")
+    return folder, make_set(folder, "books", 10, 40, _book_chunk)
+
+
+def test_a_batch_draws_from_many_books(books):
+    folder, _ = books
+    default = keys_of(ShardStream([(folder, 1.0)], seed=0, decode_audio=False), workers=0, limit=400)
+    in_order = keys_of(ShardStream([(folder, 1.0)], StreamConfig(shuffle=1, open_shards=1), seed=0,
+                                   decode_audio=False), workers=0, limit=400)
+
+    def books_per_batch(keys: list[str]) -> float:   # 8 chunks per micro-batch, as docs_per_batch
+        return np.mean([len({int(k.split("_")[1]) // 20 for k in keys[i:i + 8]}) for i in range(0, 400, 8)])
+
+    assert books_per_batch(in_order) <= 1.5         # consecutive chunks of one book
+    assert books_per_batch(default) > 4             # open shards read in turn, blocks shuffled
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_reads_only_the_shards_in_progress(books, workers, monkeypatch):
+    """Resuming at sample n replays the mixing and the shard schedule on the index's counts: it opens the shards
+    in progress, not every shard read before (at corpus scale, hours of reading and a re-download)."""
+    folder, _ = books
+    cfg = StreamConfig(shuffle=16, open_shards=2)
+    consumed, more = 1234, 50   # three epochs of 400 samples, and a bit
+    whole = keys_of(ShardStream([(folder, 1.0)], cfg, seed=4), workers, consumed + more)
+    opened = []
+    real = ShardStream._shard_samples
+
+    def counted(self, url, sha256):
+        opened.append(url)
+        return real(self, url, sha256)
+
+    monkeypatch.setattr(ShardStream, "_shard_samples", counted)
+    resumed = keys_of(ShardStream([(folder, 1.0)], cfg, seed=4, skip=consumed), workers, more)
+    assert resumed == whole[consumed:]
+    if workers == 0:   # (the workers' opens happen in their own processes)
+        assert len(opened) <= 2 + 2 + 1, opened   # two lanes' shards, their successors, one more at most
+
+
+def test_resume_is_exact_with_corrupt_samples_skipped(tmp_path):
+    """A corrupt sample keeps its position (the stream yields None there), so a consumer that counts positions
+    resumes exactly; before, a skipped sample shifted every later position by one."""
+    folder = tmp_path / "set"
+    make_set(folder, "c", 4, 10)
+    shard = folder / "shard-000001.tar"
+    samples = [s for s in wds.WebDataset(str(shard), shardshuffle=False)]
+    samples[3]["0.flac"] = b"not flac"
+    with wds.TarWriter(str(shard), encoder=False) as writer:
+        for sample in samples:
+            writer.write({k: v for k, v in sample.items() if k in ("__key__", "json", "0.flac")})
+    index = json.loads((folder / "index.json").read_text())
+    index["shards"][1]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    atomic_write_json(folder / "index.json", index)
+    cfg = StreamConfig(skip_corrupt=True, shuffle=8, open_shards=2)
+    positions = list(itertools.islice(ShardStream([(folder, 1.0)], cfg, seed=1), 100))
+    assert positions.count(None) == 2   # the bad sample, once in each of the two and a half epochs read
+    for stop in (7, 23, 41, 63):
+        resumed = list(itertools.islice(ShardStream([(folder, 1.0)], cfg, seed=1, skip=stop), 100 - stop))
+        assert [c and c.key for c in resumed] == [c and c.key for c in positions[stop:]]

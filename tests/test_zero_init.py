@@ -129,6 +129,9 @@ def test_scale_configs_hold_the_paper_settings(size, lr_adapter, lr_llm):
     assert (cfg.model.llm.mode, cfg.model.encoder.kind, cfg.train.precision) == ("full", "mimi", "bf16")
     assert cfg.model.gradient_checkpointing and cfg.model.llm.dtype == "bfloat16"
     assert cfg.model.encoder.dtype == "float32"   # Mimi frozen in fp32 whatever the training precision
+    # the paper's text mix is the SmolLM corpus; FineWeb-Edu is the pool selection clusters
+    assert [Path(r.path).name for r in cfg.data.text] == ["smollm-cosmopedia-v2", "smollm-fineweb-edu-dedup"]
+    assert "fineweb-edu" in cfg.selection.pool and cfg.data.selected_share == 0.5
     assert (cfg.train.lr_adapter, cfg.train.lr_llm, cfg.train.weight_decay) == (lr_adapter, lr_llm, 0.1)
     assert (cfg.loss.alpha, cfg.loss.ctc_weight, cfg.inputs.context, cfg.rounds) == (1.0, 0.0, 2048, 1)
     assert (cfg.selection.clusters, cfg.selection.gamma, cfg.selection.budget_fraction) == (128, 5.0, 0.01)

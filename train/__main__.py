@@ -112,7 +112,8 @@ def progress(enabled: bool):
 
 def train(cfg: ExperimentConfig, round_: int) -> Path:
     from model.build import load_tokenizer
-    from train.data import BatchSource, check_sample_rate, heldout_batch, round_speech_sets
+    from shards.format import atomic_write_json
+    from train.data import BatchSource, check_sample_rate, heldout_batch, round_speech_sets, shares
     from train.engine import build_engine, build_model
     from train.export import check_export, export
     from train.objective import Objective, diagnostic_means
@@ -131,6 +132,11 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.train, world)
     data = dataclasses.replace(cfg.data, speech=round_speech_sets(cfg.run.path(), cfg.data, round_))
+    if rank == 0:   # what this round's speech documents are drawn from
+        mix = shares(data.speech)
+        atomic_write_json(out / "data_mix.json", {"speech_shares": mix, "text_ratio": data.text_ratio})
+        print(f"round {round_}: speech documents from " + ", ".join(f"{p} {v:.1%}" for p, v in mix.items())
+              + f"; text-only micro-batches {data.text_ratio:.0%}", file=sys.stderr)
     check_sample_rate(data.speech, model.encoder.sample_rate)
     tokenizer = load_tokenizer(cfg.model)
     schedule = cfg.train.for_round(round_)
@@ -138,8 +144,14 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     describe_partitions(engine, out / "engine.json", world)
     ckpt_dir = out / "checkpoints"
     resumed = checkpoint.resume(engine, ckpt_dir)
-    if resumed is None and round_ > 0:
-        checkpoint.start_from(engine, round_dir(cfg, round_ - 1) / "checkpoints", PRE_DECAY)
+    start = None
+    if round_ > 0:   # stage II: from a pre-decay checkpoint (TrainConfig.stage2_start), with this round's schedule
+        start = round_dir(cfg, cfg.train.stage2_start(round_)) / "checkpoints" / PRE_DECAY
+        if resumed is None:
+            checkpoint.start_from(engine, start.parent, PRE_DECAY)
+        if rank == 0:
+            print(f"round {round_}: stage II from {start}, {schedule.max_steps} steps, decaying over the last "
+                  f"{schedule.decay_fraction:.0%}", file=sys.stderr)
     step, consumed = resumed if resumed else (0, None)
     metrics = out / "metrics.jsonl"
     if rank == 0:
@@ -154,8 +166,8 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
         heldout = heldout.to(engine.device)
     pre_decay = decay_start(schedule.max_steps, schedule.decay_fraction)
 
-    def save_pre_decay() -> None:
-        if step == pre_decay and not (ckpt_dir / PRE_DECAY).exists():
+    def save_pre_decay() -> None:   # not at the first step of stage II: its start is another round's checkpoint
+        if step == pre_decay and (round_ == 0 or pre_decay > 0) and not (ckpt_dir / PRE_DECAY).exists():
             checkpoint.save(engine, ckpt_dir, PRE_DECAY, step, source.state())
 
     window = LogWindow(engine.device)
@@ -200,7 +212,8 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     probe, _ = source.next(step, micro=0)   # a batch past the last step: data no step has seen
     verdict = check_export(engine.module.model, out / "export", probe.to(engine.device), cfg.train, rank)
     if rank == 0:
-        (out / DONE).write_text(json.dumps({"step": step, **verdict}) + "\n")
+        (out / DONE).write_text(json.dumps({"step": step, "started_from": str(start) if start else None, **verdict})
+                                + "\n")
     distributed.barrier()
     return out
 

@@ -7,6 +7,7 @@ of documents already consumed, so a resumed run sees exactly the batches an unin
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,16 @@ class DataConfig:
     speech: list[ShardSetRef] = field(default_factory=list)   # natural (and later selected) speech
     text: list[ShardSetRef] = field(default_factory=list)     # broad text for the anti-forgetting mix
     text_ratio: float = 0.33          # share of micro-batches that are text only
+    # Stage II: the share of speech documents drawn from the selected sets, whatever the natural sets weigh
+    # (weights count only among the natural sets, and among the selected ones). The paper mixes natural speech,
+    # selected speech and text in about equal parts: with text_ratio 1/3, a share of 0.5.
+    selected_share: float = 0.5
     docs_per_batch: int = 8           # document chunks per micro-batch and rank
     assets: str = ""                  # module run as `python -m <assets>` before training: builds what is missing
 
     def __post_init__(self) -> None:
         require(0.0 <= self.text_ratio <= 1.0, "text_ratio", "must be in [0, 1]")
+        require(0.0 <= self.selected_share < 1.0, "selected_share", f"must be in [0, 1), got {self.selected_share}")
         require(self.docs_per_batch >= 1, "docs_per_batch", "must be >= 1")
 
 
@@ -80,8 +86,14 @@ class BatchSource:
         return dict(self.consumed)
 
     def _take(self, name: str) -> list[Chunk]:
-        chunks = [next(self._iters[name]) for _ in range(self.cfg.docs_per_batch)]
-        self.consumed[name] += len(chunks)
+        """The next ``docs_per_batch`` chunks; a position the stream skipped as corrupt (None) counts as consumed,
+        so a resumed stream starts at the same position."""
+        chunks: list[Chunk] = []
+        while len(chunks) < self.cfg.docs_per_batch:
+            chunk = next(self._iters[name])
+            self.consumed[name] += 1
+            if chunk is not None:
+                chunks.append(chunk)
         return chunks
 
     def next(self, step: int, micro: int) -> tuple[Batch, bool]:
@@ -107,8 +119,8 @@ def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors
     the sums over ranks, and M and F, do not depend on the world size. Under ZeRO-3 every rank must run the
     forward: a rank without a row of its own runs row 0 and weights its sums by 0.
     """
-    stream = ShardStream([(path, 1.0)], seed=seed, rank=0, world=1, epochs=1)
-    chunks = [c for _, c in zip(range(max(1, docs)), stream, strict=False)]
+    stream = ShardStream([(path, 1.0)], StreamConfig(shuffle=1, open_shards=1), seed=seed, rank=0, world=1, epochs=1)
+    chunks = [c for c in itertools.islice(stream, max(1, docs)) if c is not None]
     rng = np.random.default_rng([seed, 0])
     documents = [interleave(c, tokenizer, inputs, rng) for c in chunks]
     rows = pack_rows(documents, vectors_for, inputs.context, tokenizer.bos_token_id)
@@ -122,21 +134,44 @@ DATA_YAML = "data.yaml"
 
 
 def round_speech_sets(run_dir: Path, cfg: DataConfig, round_: int) -> list[ShardSetRef]:
-    """Speech shard sets round ``round_`` trains on: the config's natural sets, plus every selected set
-    that ``runs/<name>/data.yaml`` lists from an earlier round up to this one."""
+    """Speech shard sets round ``round_`` trains on: the config's natural sets, plus every selected set that
+    ``runs/<name>/data.yaml`` lists from an earlier round up to this one (``mixed``)."""
     path = run_dir / DATA_YAML
-    if not path.is_file():
+    entries = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+    return mixed(cfg, _selected(entries, round_, path))
+
+
+def _selected(entries: dict, round_: int, where: Path) -> list[ShardSetRef]:
+    return [from_dict(ShardSetRef, {"path": e["path"], "weight": e["weight"]}, f"{where}: speech")
+            for e in entries.get("speech", []) if e.get("round", 0) <= round_]
+
+
+def mixed(cfg: DataConfig, selected: list[ShardSetRef]) -> list[ShardSetRef]:
+    """Natural and selected sets with the weights that give the selected ones ``cfg.selected_share`` of the
+    documents; within each group the configured weights keep their proportions."""
+    if not selected or cfg.selected_share == 0:
         return list(cfg.speech)
-    entries = yaml.safe_load(path.read_text()) or {}
-    selected = [from_dict(ShardSetRef, {k: v for k, v in e.items() if k != "round"}, f"{path}: speech")
-                for e in entries.get("speech", []) if e.get("round", 0) <= round_]
-    return list(cfg.speech) + selected
+    natural_total, selected_total = sum(r.weight for r in cfg.speech), sum(r.weight for r in selected)
+    return ([ShardSetRef(r.path, (1 - cfg.selected_share) * r.weight / natural_total) for r in cfg.speech]
+            + [ShardSetRef(r.path, cfg.selected_share * r.weight / selected_total) for r in selected])
 
 
-def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int) -> None:
-    """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op)."""
+def shares(refs: list[ShardSetRef]) -> dict[str, float]:
+    """Each set's share of the documents drawn (its weight over the sum)."""
+    total = sum(r.weight for r in refs)
+    return {r.path: r.weight / total for r in refs}
+
+
+def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int, cfg: DataConfig) -> None:
+    """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op), its weight relative to the
+    other selected sets (e.g. its documents), and write down the share of speech documents every set gets from
+    this round on (``share``; the natural sets under ``natural``)."""
     path = run_dir / DATA_YAML
     entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"speech": []}
     if not any(e["path"] == ref.path for e in entries["speech"]):
         entries["speech"].append({"path": ref.path, "weight": ref.weight, "round": round_})
-        atomic_write_bytes(path, yaml.safe_dump(entries, sort_keys=False).encode())
+    mix = shares(mixed(cfg, _selected(entries, round_, path)))
+    for entry in entries["speech"]:
+        entry["share"] = round(mix.get(entry["path"], 0.0), 6)
+    entries["natural"] = [{"path": r.path, "share": round(mix[r.path], 6)} for r in cfg.speech]
+    atomic_write_bytes(path, yaml.safe_dump(entries, sort_keys=False).encode())

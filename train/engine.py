@@ -20,7 +20,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from train.config import require
-from train.schedule import wsd_factor
+from train.schedule import decay_start, wsd_factor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,6 +42,9 @@ class TrainConfig:
     keep_checkpoints: int = 2        # periodic checkpoints kept (pre-decay and final are always kept)
     diagnostics_every: int = 0       # log M and F on a held-out batch (eval.heldout) every N steps; 0: off
     stage2_steps: int = 0            # optimizer steps of each stage-II round (>= 1); 0: max_steps
+    # Stage II's decay: the paper decays to 0 over the whole of stage II (1.0). Below 1, stage II keeps a stable
+    # phase and saves its own pre-decay checkpoint, which the next round then starts from.
+    stage2_decay_fraction: float = 1.0
     export_tolerance: float = 0.0    # largest relative logit difference, engine vs export; 0: by dtype (export.py)
 
     def __post_init__(self) -> None:
@@ -52,14 +55,26 @@ class TrainConfig:
         require(self.stage2_steps >= 0, "stage2_steps", "must be >= 0")
         require(self.export_tolerance >= 0, "export_tolerance", "must be >= 0")
         require(0.0 <= self.decay_fraction <= 1.0, "decay_fraction", "must be in [0, 1]")
+        require(0.0 <= self.stage2_decay_fraction <= 1.0, "stage2_decay_fraction", "must be in [0, 1]")
         require(self.lr_adapter >= 0 and self.lr_llm >= 0, "lr_adapter", "learning rates must be >= 0")
 
     def for_round(self, round_: int) -> TrainConfig:
-        """Stage I (round 0) as configured; stage II continues from a pre-decay checkpoint: no warmup,
-        ``stage2_steps`` steps ending with the decay to 0."""
+        """Stage I (round 0) as configured; stage II continues from a pre-decay checkpoint (``stage2_start``):
+        no warmup, ``stage2_steps`` steps, the last ``stage2_decay_fraction`` of them decaying to 0."""
         if round_ == 0:
             return self
-        return dataclasses.replace(self, max_steps=self.stage2_steps or self.max_steps, warmup_steps=0)
+        return dataclasses.replace(self, max_steps=self.stage2_steps or self.max_steps, warmup_steps=0,
+                                   decay_fraction=self.stage2_decay_fraction)
+
+    def stage2_start(self, round_: int) -> int:
+        """The round whose pre-decay checkpoint stage II of ``round_`` (>= 1) starts from: the latest earlier round
+        that has a stable phase before its decay. With the default full decay of stage II that is stage I (round
+        0) for every round: each round's stage II runs on all the speech selected so far, from the same point."""
+        for earlier in range(round_ - 1, 0, -1):
+            schedule = self.for_round(earlier)
+            if decay_start(schedule.max_steps, schedule.decay_fraction) > 0:
+                return earlier
+        return 0
 
 
 def use_bf16(cfg: TrainConfig) -> bool:

@@ -351,7 +351,8 @@ class TeacherCache:
         tokens = {d.key: bos + [t for s in d.spans for t in s.ids] for d in docs}
         found = []
         for key, length in zip(batch.doc_keys, batch.doc_len.tolist(), strict=True):
-            entry = self._lookup(key, tokens[key][:length])
+            # a later piece of a document cut to the context (model.inputs.pieces) is not in the cache
+            entry = self._lookup(key, tokens[key][:length]) if key in tokens else None
             if entry is None:
                 self.misses += 1
                 message = f"chunk {key!r}: no cached teacher targets with its tokens"
