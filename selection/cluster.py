@@ -124,30 +124,30 @@ def _cheapest_moves(points: np.ndarray, cost: np.ndarray, labels: np.ndarray, sp
 
 def _fill_small(x, centroids: np.ndarray, labels: np.ndarray, own: np.ndarray, low: int) -> np.ndarray:
     """Bring every cluster up to ``low`` points with the points cheapest to move, taken only from clusters
-    that keep at least ``low``. Candidates for all small clusters come from one pass (the cheapest few each);
-    a cluster they cannot fill gets a pass over every eligible point."""
-    k = len(centroids)
+    that keep at least ``low``; the smallest cluster first. One pass finds the cheapest few candidates of every
+    small cluster; when a cluster's run short (its nearest donors gave their spare away), another pass finds 4
+    times as many for the clusters still to fill."""
+    n, k = len(labels), len(centroids)
     sizes = np.bincount(labels, minlength=k)
-    small = [int(c) for c in np.argsort(sizes, kind="stable") if sizes[c] < low]
-    if not small:
-        return labels
-    limits: list[int | None] = [4 * int(low - sizes[c]) + 256 for c in small]
-    found = _candidates(x, centroids, small, sizes[labels] > low, own, limits)
-    for j, c in enumerate(small):
-        need, spare = low - sizes[c], sizes - low
-        while True:
+    pending = [int(c) for c in np.argsort(sizes, kind="stable") if sizes[c] < low]
+    limits: list[int | None] = [4 * int(low - sizes[c]) + 256 for c in pending]
+    while pending:
+        found = _candidates(x, centroids, pending, sizes[labels] > low, own, limits)
+        for j, c in enumerate(pending):
+            need, spare = low - sizes[c], sizes - low
             points, dist = found[j]
             ok = spare[labels[points]] > 0   # donors may have given their spare to earlier clusters
             points, dist = points[ok], dist[ok]
             picked = _cheapest_moves(points, dist - own[points], labels, spare, need)
-            if len(picked) == need or limits[j] is None:
+            if len(picked) < need and limits[j] is not None:
+                pending, limits = pending[j:], [None if 4 * m >= n else 4 * m for m in limits[j:]]
                 break
-            limits[j] = None
-            found[j] = _candidates(x, centroids, [c], spare[labels] > 0, own, [None])[0]
-        moved = points[picked]
-        sizes -= np.bincount(labels[moved], minlength=k)
-        labels[moved], own[moved] = c, dist[picked]
-        sizes[c] += len(moved)
+            moved = points[picked]
+            sizes -= np.bincount(labels[moved], minlength=k)
+            labels[moved], own[moved] = c, dist[picked]
+            sizes[c] += len(moved)
+        else:
+            pending = []
     return labels
 
 

@@ -55,29 +55,41 @@ class PoolIndex:
 
     def stream(self, start: int = 0, stop: int | None = None) -> Iterator[str]:
         """Texts ``start..stop-1`` in order, read from the position of ``start`` on (a rank reads its block
-        only); ValueError when the pool no longer matches its index."""
+        only)."""
         stop = len(self) if stop is None else min(stop, len(self))
         if start >= stop:
             return
         i = start
-        for file, pos, text in _scan(self.kind, self.files, int(self.where[start, 0]), int(self.where[start, 1])):
-            if file != self.where[i, 0] or pos != self.where[i, 1]:
-                raise ValueError(f"{self.files[file]}: changed since the pool was indexed (text {i})")
-            yield text
-            i += 1
-            if i == stop:
-                return
-        raise ValueError(f"{self.files[-1]}: changed since the pool was indexed (ends before text {i})")
+        with _unchanged():
+            for file, pos, text in _scan(self.kind, self.files, int(self.where[start, 0]),
+                                         int(self.where[start, 1])):
+                if file != self.where[i, 0] or pos != self.where[i, 1]:
+                    raise ValueError(f"{self.files[file]}: text {i} is not where the index has it")
+                yield text
+                i += 1
+                if i == stop:
+                    return
+            raise ValueError(f"{self.files[-1]}: ends before text {i}")
 
     def texts(self, indices: Sequence[int] | np.ndarray) -> list[str]:
         """The texts at these pool indices, in the order given, read by their positions."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         rows = self.where[np.unique(idx)]
         found: dict[tuple[int, int], str] = {}
-        for file in np.unique(rows[:, 0]).tolist():
-            got = _READ[self.kind](self.files[file], rows[rows[:, 0] == file, 1])
-            found.update(((file, pos), text) for pos, text in got.items())
+        with _unchanged():
+            for file in np.unique(rows[:, 0]).tolist():
+                got = _READ[self.kind](self.files[file], rows[rows[:, 0] == file, 1])
+                found.update(((file, pos), text) for pos, text in got.items())
         return [found[(int(self.where[i, 0]), int(self.where[i, 1]))] for i in idx]
+
+
+@contextmanager
+def _unchanged() -> Iterator[None]:
+    """A pool that no longer reads as it did when indexed (every text parsed then) is named as changed."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ValueError(f"the text pool changed since it was indexed: {exc}") from None
 
 
 def pool_files(path: str | Path) -> tuple[str, list[str]]:
