@@ -1,21 +1,21 @@
 """Embeddings on disk: one preallocated float32 .npy that ranks fill by row blocks, read back in bounded blocks.
 
-Why a reader of its own instead of ``np.load(mmap_mode="r")``: a pass over a memory map leaves every page it
-touched mapped and resident, counted in the process's RSS (10M x 384 float32 is 15 GB), and RLIMIT_AS counts
-the whole mapping at once. ``Vectors`` maps the file once too, but copies out the rows it is asked for and
-then releases those pages from the process (``madvise(MADV_DONTNEED)``: the data stays in the page cache), so
-what a pass holds is one block, whatever N.
+The file is made by ``np.lib.format.open_memmap`` (sparse, so creating 15 GB costs nothing) and stays a plain
+.npy (``np.load(path, mmap_mode="r")`` opens it). Why ``Vectors`` reads it with ``pread`` instead of through a
+memory map: a pass over a map leaves every page it touched resident and counted in the process's RSS (10M x
+384 float32 is 15 GB), a scattered read through a map faults in whole neighbourhoods (the kernel maps up to
+64 kB around each touched row), and RLIMIT_AS counts the whole mapping at once. With ``pread`` into a fresh
+array the process holds exactly the rows it asked for; the file's pages live in the page cache, which the
+kernel reclaims as it needs.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
 
 import numpy as np
 
-_GATHER = 8192  # rows per gathered chunk: bounds the pages one scattered read touches
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
@@ -73,8 +73,7 @@ def write_rows(path: Path, start: int, block: np.ndarray) -> None:
 
 
 class Vectors:
-    """A float32 [N, D] .npy read like an array (``x[a:b]``, ``x[rows]``, ``len(x)``), each read a copy whose
-    pages are released afterwards."""
+    """A float32 [N, D] .npy read like an array (``x[a:b]``, ``x[rows]``, ``len(x)``), each read a fresh array."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -82,10 +81,7 @@ class Vectors:
         if len(shape) != 2 or dtype != np.float32:
             raise ValueError(f"{self.path}: expected a float32 [N, D] array, got {dtype} {shape}")
         self.shape = shape
-        with open(self.path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._array = np.frombuffer(self._map, dtype=np.float32, count=shape[0] * shape[1],
-                                    offset=self._offset).reshape(shape)
+        self._row = shape[1] * 4
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -93,22 +89,26 @@ class Vectors:
     def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
         if isinstance(key, slice):
             start, stop, step = key.indices(len(self))
-            out = self._array[start:stop:step].copy()
-            self._release(start, stop)
+            if step != 1:
+                raise ValueError("Vectors: slices with a step are not supported")
+            out = np.empty((max(stop - start, 0), self.shape[1]), dtype=np.float32)
+            with open(self.path, "rb", buffering=0) as f:
+                self._read(f.fileno(), out, start)
             return out
         rows = np.asarray(key, dtype=np.int64)
+        if len(rows) and (rows.min() < -len(self) or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: rows out of 0..{len(self) - 1}")
         out = np.empty((len(rows), self.shape[1]), dtype=np.float32)
-        for s in range(0, len(rows), _GATHER):
-            part = rows[s:s + _GATHER]
-            out[s:s + len(part)] = self._array[part]
-            if len(part):
-                self._release(int(part.min()), int(part.max()) + 1)
+        with open(self.path, "rb", buffering=0) as f:
+            for i, row in enumerate((rows % len(self)).tolist()):
+                self._read(f.fileno(), out[i:i + 1], row)
         return out
 
-    def _release(self, start: int, stop: int) -> None:
-        """Drop the pages of rows ``start..stop-1`` from this process (they stay in the page cache)."""
-        if stop <= start or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        row = self.shape[1] * 4
-        lo = (self._offset + start * row) // mmap.PAGESIZE * mmap.PAGESIZE
-        self._map.madvise(mmap.MADV_DONTNEED, lo, self._offset + stop * row - lo)
+    def _read(self, fd: int, out: np.ndarray, row: int) -> None:
+        """Fill ``out`` with the rows from ``row`` on."""
+        view, offset = memoryview(out).cast("B"), self._offset + row * self._row
+        while len(view):
+            got = os.preadv(fd, [view], offset)
+            if got == 0:
+                raise ValueError(f"{self.path}: shorter than its header says")
+            view, offset = view[got:], offset + got
