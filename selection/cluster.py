@@ -28,6 +28,9 @@ import faiss
 import numpy as np
 import torch
 
+from selection.vectors import Vectors
+
+Points = np.ndarray | Vectors  # float32 [N, D] in memory or in an embeddings file, read by row blocks
 _BLOCK = 16384  # rows per distance block: bounds the temporaries (rows x D copied, rows x K distances)
 SAMPLE_PER_CLUSTER = 256
 
@@ -40,7 +43,7 @@ def _sq_distances(block: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return d
 
 
-def _nearest_two(x, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _nearest_two(x: Points, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per point: its nearest centroid, the squared distance to it, and the margin to the second nearest
     (0 with one centroid)."""
     n = len(x)
@@ -56,7 +59,8 @@ def _nearest_two(x, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return choice, dist, margin
 
 
-def _nearest_allowed(x, centroids: np.ndarray, rows: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _nearest_allowed(x: Points, centroids: np.ndarray, rows: np.ndarray,
+                     allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For the points ``rows``: the nearest centroid among the ``allowed`` ones, and the squared distance to it."""
     columns = np.flatnonzero(allowed)
     kept = centroids[columns]
@@ -69,7 +73,7 @@ def _nearest_allowed(x, centroids: np.ndarray, rows: np.ndarray, allowed: np.nda
     return choice, dist
 
 
-def _capacity_assign(x, centroids: np.ndarray, choice: np.ndarray, dist: np.ndarray, priority: np.ndarray,
+def _capacity_assign(x: Points, centroids: np.ndarray, choice: np.ndarray, dist: np.ndarray, priority: np.ndarray,
                      cap: int) -> tuple[np.ndarray, np.ndarray]:
     """Each point to its nearest centroid with room (labels, and the squared distance to it); where a centroid
     is over-asked, points with the lower ``priority`` value win. ``choice`` and ``dist`` start as every point's
@@ -91,7 +95,7 @@ def _capacity_assign(x, centroids: np.ndarray, choice: np.ndarray, dist: np.ndar
     return labels, own
 
 
-def _candidates(x, centroids: np.ndarray, clusters: list[int], eligible: np.ndarray, own: np.ndarray,
+def _candidates(x: Points, centroids: np.ndarray, clusters: list[int], eligible: np.ndarray, own: np.ndarray,
                 limits: list[int | None]) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each of ``clusters``: the ``eligible`` points cheapest to move there (at most its limit; None: all),
     as (points, their squared distance to it); the cost of a move is that distance minus ``own``. One pass."""
@@ -122,7 +126,7 @@ def _cheapest_moves(points: np.ndarray, cost: np.ndarray, labels: np.ndarray, sp
     return order[rank < spare[donors]][:need]
 
 
-def _fill_small(x, centroids: np.ndarray, labels: np.ndarray, own: np.ndarray, low: int) -> np.ndarray:
+def _fill_small(x: Points, centroids: np.ndarray, labels: np.ndarray, own: np.ndarray, low: int) -> np.ndarray:
     """Bring every cluster up to ``low`` points with the points cheapest to move, taken only from clusters
     that keep at least ``low``; the smallest cluster first. One pass finds the cheapest few candidates of every
     small cluster; when a cluster's run short (its nearest donors gave their spare away), another pass finds 4
@@ -151,7 +155,7 @@ def _fill_small(x, centroids: np.ndarray, labels: np.ndarray, own: np.ndarray, l
     return labels
 
 
-def _balanced_assign(x, centroids: np.ndarray, tolerance: float) -> np.ndarray:
+def _balanced_assign(x: Points, centroids: np.ndarray, tolerance: float) -> np.ndarray:
     """Labels of all points, every cluster's size within ``tolerance`` of N/K (module docstring)."""
     n, k = len(x), len(centroids)
     # rounded first, so that 100/7 * 1.05 = 15.000000000000002 still means a capacity of 15
@@ -179,8 +183,8 @@ def sample_rows(n: int, sample: int, seed: int) -> np.ndarray | None:
     return np.sort(np.random.default_rng([seed, 29]).choice(n, size=sample, replace=False))
 
 
-def balanced_kmeans(x, k: int, seed: int = 0, iters: int = 10, tolerance: float = 0.05, balance_passes: int = 5,
-                    sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def balanced_kmeans(x: Points, k: int, seed: int = 0, iters: int = 10, tolerance: float = 0.05,
+                    balance_passes: int = 5, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels [N] (int32) and centroids [k, D] (float32) with every cluster size within ``tolerance`` of N/k;
     seeded and deterministic. ``x`` is a float32 [N, D] array or a ``Vectors`` file; the centroids are fit on
     ``sample`` points of it (default 256 per cluster), then all N are assigned (module docstring)."""

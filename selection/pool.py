@@ -37,7 +37,7 @@ KINDS = ("lines", "parquet", "shards")
 _ROWS = 65536  # index rows gathered per numpy block while a pool is read
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PoolIndex:
     """Where each text of a pool lies: ``where`` is int64 [N, 3] (file number, position in it, words)."""
 
@@ -191,14 +191,16 @@ def _opened(file: str) -> Iterator[IO[bytes]]:
         raise sources.InputError(f"{file}: unreadable gzip ({exc})") from None
 
 
-def _line_text(file: str, raw: bytes, where: str) -> str:
-    """The stripped text of a line: the line (.txt) or its JSON ``text`` field; "" when blank."""
+def _line_text(file: str, raw: bytes, lineno: int | None, offset: int) -> str:
+    """The stripped text of a line: the line (.txt) or its JSON ``text`` field; "" when blank. Errors name
+    the line by its number when known, else by its byte offset."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{file}: not UTF-8 text") from None
     if file.endswith(".txt") or not line.strip():
         return line.strip()
+    where = f"{file}:{lineno}" if lineno else f"{file} (byte {offset})"
     try:
         obj = json.loads(line)
     except ValueError as exc:
@@ -213,7 +215,7 @@ def _scan_lines(file: str, start: int) -> Iterator[tuple[int, str]]:
         f.seek(start)  # gzip: decompresses up to it
         offset = start
         for lineno, raw in enumerate(f, 1):
-            text = _line_text(file, raw, f"{file}:{lineno}" if start == 0 else f"{file} (byte {offset})")
+            text = _line_text(file, raw, lineno if start == 0 else None, offset)
             if text:
                 yield offset, text
             offset += len(raw)
@@ -224,7 +226,7 @@ def _read_lines(file: str, positions: np.ndarray) -> dict[int, str]:
         out = {}
         for pos in positions.tolist():  # ascending: gzip seeks forward only
             f.seek(pos)
-            out[pos] = _line_text(file, f.readline(), f"{file} (byte {pos})")
+            out[pos] = _line_text(file, f.readline(), None, pos)
         return out
 
 
