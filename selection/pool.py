@@ -141,6 +141,7 @@ def save_index(pool: PoolIndex, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{array.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)   # mkstemp makes 0600; the run folder is read by other users and jobs
         with os.fdopen(fd, "wb") as f:
             np.save(f, pool.where, allow_pickle=False)
         os.replace(tmp, array)
