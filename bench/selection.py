@@ -8,8 +8,9 @@ Measures
     uneven weight), each size in a child process of its own: stream the pool into its offsets index, embed it
     into the embeddings file, balanced k-means (fit on a sample, all texts assigned in blocks), read the cluster
     examples and probe texts by offset, allocate 1% of the pool's seconds (gamma 5 over random scores: probing
-    is stubbed, no TTS, no student) and read the chosen texts by offset. Wall time and peak RSS
-    (``ru_maxrss`` of the child) of the whole job, and the RSS after its imports. THE EMBEDDER HERE IS A HASH,
+    is stubbed, no TTS, no student) and read the chosen texts by offset. Wall time and peak RSS of the whole
+    job (``VmHWM`` of the child: ``ru_maxrss``, its own or RUSAGE_CHILDREN, would carry the parent's peak
+    over the fork and exec), and the RSS after its imports. THE EMBEDDER HERE IS A HASH,
     NOT A SENTENCE MODEL (``HashEmbedder``: a text's vector is its topic's centre plus noise picked by hashes of
     the text, unit norm, 384-d), so that 1M texts embed in seconds; MiniLM's own rate is the first row;
   - espeak-ng real-time factor per core: ``shards.tts.synthesize_many`` on one worker, audio seconds per
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -155,8 +155,10 @@ def write_pool(path: Path, n: int, seed: int = 0) -> None:
                             for i, (t, w) in enumerate(zip(topics, words, strict=True))))
 
 
-def rss_now_mib() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+def rss_mib(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak) of this process's own address space, in MiB (Linux)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(f"{field}:"))
+    return int(line.split()[1]) / 1024
 
 
 def run_data_path(pool_path: Path, workdir: Path) -> dict:
@@ -164,7 +166,7 @@ def run_data_path(pool_path: Path, workdir: Path) -> dict:
     Only what selection itself imports is loaded (the bench's other measurements import much more)."""
     from selection.probe import probe_texts
 
-    base = rss_now_mib()
+    base = rss_mib("VmRSS")
     seconds: dict[str, float] = {}
     cpu = cpu_seconds()
 
@@ -186,7 +188,7 @@ def run_data_path(pool_path: Path, workdir: Path) -> dict:
     texts = stage("read chosen", pool.texts, chosen)
     sizes = np.bincount(labels, minlength=K) / (len(pool) / K)
     return {"seconds": seconds, "cpu_s": cpu_seconds() - cpu, "base_rss_mib": base,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": rss_mib("VmHWM"),
             "sizes": [float(sizes.min()), float(sizes.max())], "chosen": len(texts),
             "chosen_words": int(sum(len(t.split()) for t in texts))}
 
