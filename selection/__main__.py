@@ -18,11 +18,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from train.config import ConfigError
 from train.experiment import ExperimentConfig, job_parser, parse_job
+
+if TYPE_CHECKING:
+    from selection.pool import PoolIndex
 
 DONE = "DONE"
 
@@ -76,22 +80,31 @@ def natural_sample_rate(cfg: ExperimentConfig) -> int:
     return int(read_index(cfg.data.speech[0].path)["sr"])
 
 
-def cluster_pool(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> tuple[list[str], np.ndarray]:
-    """The pool's texts and their balanced k-means cluster labels (written to ``clusters.json``)."""
+def cluster_pool(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> tuple[PoolIndex, np.ndarray]:
+    """The pool's index and its texts' balanced k-means cluster labels, int32 [N] (written to ``clusters.json``).
+
+    Nothing here holds the pool's texts: the pool is streamed into an index (positions and word counts), its
+    embeddings are a file filled by every rank, and rank 0 clusters them in blocks and sends the labels."""
     from selection.cluster import balanced_kmeans, cluster_summary
-    from selection.embed import embed_texts, read_pool
+    from selection.embed import embed_pool
+    from selection.pool import open_pool
     from shards.format import atomic_write_json
+    from train import distributed
 
     sel = cfg.selection
-    texts = read_pool(sel.pool)
-    vectors = embed_texts(texts, sel.embed, rank, world, cache_dir=cfg.run.path() / "pool_embeddings")
-    labels, _ = balanced_kmeans(vectors, min(sel.clusters, len(texts)), seed=cfg.seed, tolerance=sel.tolerance)
+    folder = cfg.run.path() / "pool_embeddings"
+    pool = open_pool(sel.pool, folder)
+    vectors = embed_pool(pool, sel.embed, rank, world, cache_dir=folder)
+    labels = None
     if rank == 0:
-        atomic_write_json(out / "clusters.json", {"clusters": cluster_summary(labels, texts)})
-    return texts, labels
+        k = min(sel.clusters, len(pool))
+        labels, _ = balanced_kmeans(vectors, k, seed=cfg.seed, tolerance=sel.tolerance,
+                                    sample=sel.kmeans_sample or None)
+        atomic_write_json(out / "clusters.json", {"clusters": cluster_summary(labels, pool.texts)})
+    return pool, distributed.broadcast_object(labels)
 
 
-def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels: np.ndarray, k: int, out: Path,
+def probe_clusters(cfg: ExperimentConfig, round_: int, pool: PoolIndex, labels: np.ndarray, out: Path,
                    rank: int, world: int) -> tuple[np.ndarray, int]:
     """Active selection: the round R-1 student's score per cluster (written to ``probe.json``) and its
     encoder's sample rate."""
@@ -107,7 +120,9 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, texts: list[str], labels:
     student, tokenizer = load_export(cfg.run.path() / f"round-{round_ - 1}" / "export",
                                      teacher_path=cfg.model.llm.path, dtype=cfg.model.llm.dtype)
     student = student.to(distributed.device())
-    probes = {c: [texts[i] for i in idx] for c, idx in probe_texts(labels, sel.probes, cfg.seed + round_).items()}
+    drawn = probe_texts(labels, sel.probes, cfg.seed + round_)
+    read = iter(pool.texts([i for idx in drawn.values() for i in idx]))   # only the probe texts are read
+    probes = {c: [next(read) for _ in idx] for c, idx in drawn.items()}
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task("probing clusters", total=len(range(rank, len(probes), world)))
         scores = score_clusters(Objective(student, cfg.loss), probes, tokenizer, sel.tts, student.encoder.sample_rate,
@@ -154,30 +169,32 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
         distributed.barrier()
         return out
 
-    texts, labels = cluster_pool(cfg, out, rank, world)
-    k = min(sel.clusters, len(texts))
+    pool, labels = cluster_pool(cfg, out, rank, world)
+    k = min(sel.clusters, len(pool))
     if sel.strategy == "active":
-        score, sample_rate = probe_clusters(cfg, round_, texts, labels, k, out, rank, world)
+        score, sample_rate = probe_clusters(cfg, round_, pool, labels, out, rank, world)
         gamma = sel.gamma
     else:
         score, sample_rate, gamma = np.ones(k), natural_sample_rate(cfg), 0.0
     pool_share = np.bincount(labels, minlength=k) / len(labels)
     shares = target_shares(pool_share, score, gamma)
     budget = sel.budget_s or sel.budget_fraction * natural_seconds(cfg)
-    seconds_per_text = np.array([len(t.split()) / sel.words_per_second for t in texts])
+    seconds_per_text = pool.words / sel.words_per_second
     chosen = distributed.broadcast_object(allocate(labels, score, gamma, budget, seconds_per_text,
                                                    seed=cfg.seed + round_, exclude=previously_chosen(run_dir, round_)))
+    texts = pool.texts(chosen)   # only these texts are read, by their positions in the pool
     if rank == 0:
         table = allocation_table(labels, chosen, score, shares, seconds_per_text)
         atomic_write_json(out / "allocation.json", {"strategy": sel.strategy, "gamma": gamma, "budget_s": budget,
                                                     "clusters": table})
-        lines = "".join(json.dumps({"index": i, "cluster": int(labels[i]), "text": texts[i]}) + "\n" for i in chosen)
+        lines = "".join(json.dumps({"index": i, "cluster": int(labels[i]), "text": t}) + "\n"
+                        for i, t in zip(chosen, texts, strict=True))
         atomic_write_bytes(out / "chosen.jsonl", lines.encode())
         if sel.strategy == "active":
             plot_scores(out / "score_vs_share.png", table, sel.score)
     # every rank speaks its share of the chosen texts (the same on every rank: allocation is seeded)
-    shards = synthesize_documents([(f"r{round_}-{i}", texts[i]) for i in chosen], out / "shards", sel.tts,
-                                  sample_rate, sel.workers, source=f"selection-round-{round_}",
+    shards = synthesize_documents([(f"r{round_}-{i}", t) for i, t in zip(chosen, texts, strict=True)],
+                                  out / "shards", sel.tts, sample_rate, sel.workers, source=f"selection-round-{round_}",
                                   seed=cfg.seed + round_, part=(rank, world), barrier=distributed.barrier)
     if rank == 0:   # weighted by its documents among the selected sets (data.selected_share is theirs together)
         append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=float(read_index(shards)["docs"])), round_,

@@ -18,6 +18,7 @@ class SelectionConfig:
     pool: str = ""                  # broad text pool: JSONL(.gz) (`text`), .txt, parquet file/folder, or text shards
     clusters: int = 128             # K of the balanced k-means
     tolerance: float = 0.05         # cluster sizes within this fraction of N/K
+    kmeans_sample: int = 0          # points the centroids are fit on (all N are then assigned); 0 = 256 per cluster
     probes: int = 8                 # probe texts per cluster
     min_positions: int = 8          # a cluster scored at fewer probe positions is reported and gets the mean score
     score: Literal["M", "F", "D"] = "M"   # M misalignment, F forgetting, D teacher-vs-student-on-speech KL
@@ -31,6 +32,7 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         require(self.clusters >= 1, "clusters", "must be >= 1")
+        require(self.kmeans_sample >= 0, "kmeans_sample", "must be >= 0 (0: 256 per cluster)")
         require(self.probes >= 1, "probes", "must be >= 1")
         require(self.min_positions >= 1, "min_positions", "must be >= 1")
         require(self.gamma >= 0, "gamma", "must be >= 0")

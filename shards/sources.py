@@ -342,20 +342,33 @@ def _tar_samples(tar: Path) -> Iterator[tuple[str, str, dict | Rejected | None, 
         raise InputError(f"{tar}: unreadable tar ({exc})") from None
 
 
-def _parquet_rows(file: Path) -> Iterator[tuple[Any, str | None]]:
-    """(text, id or None) per row of a parquet file; InputError when it is unreadable or has no string
-    ``text`` column."""
+def text_parquet(file: Path) -> Any:
+    """The opened ``pyarrow.parquet.ParquetFile``; InputError when it is unreadable or has no string ``text``
+    column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(file)
-        types = {f.name: f.type for f in parquet.schema_arrow}
-        if not _is_string(types.get("text")):
-            found = f"is {types['text']}" if "text" in types else "is missing"
-            raise InputError(f"{file}: column 'text' {found} (columns: {', '.join(types)}); "
-                             "a string 'text' column is required")
-        columns = ["text", "id"] if _is_string(types.get("id")) else ["text"]
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{file}: unreadable parquet ({exc})") from None
+    types = {f.name: f.type for f in parquet.schema_arrow}
+    if not _is_string(types.get("text")):
+        found = f"is {types['text']}" if "text" in types else "is missing"
+        raise InputError(f"{file}: column 'text' {found} (columns: {', '.join(types)}); "
+                         "a string 'text' column is required")
+    return parquet
+
+
+def _parquet_rows(file: Path) -> Iterator[tuple[Any, str | None]]:
+    """(text, id or None) per row of a parquet file; InputError when it is unreadable or has no string
+    ``text`` column."""
+    import pyarrow as pa
+
+    parquet = text_parquet(file)
+    types = {f.name: f.type for f in parquet.schema_arrow}
+    columns = ["text", "id"] if _is_string(types.get("id")) else ["text"]
+    try:
         for batch in parquet.iter_batches(batch_size=4096, columns=columns):
             texts = batch.column("text").to_pylist()
             ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(texts)

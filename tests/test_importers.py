@@ -16,13 +16,18 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from selection.embed import read_pool
+from selection.pool import index_pool
 from shards.format import read_index
 from shards.sources import detect_format
 from tests.test_build import build, chunks, tone
 
 BOOK = "small/100/sea_fairies_0812_librivox_64kb_mp3"
 OTHER = "medium/200/oz_1204_librivox_64kb_mp3"
+
+
+def read_pool(path: Path) -> list[str]:
+    """Every text of a selection pool, streamed through its index."""
+    return list(index_pool(path).stream())
 
 
 def rejects(out: Path) -> list[dict]:

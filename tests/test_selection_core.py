@@ -1,4 +1,5 @@
-"""Selection building blocks: embeddings (real MiniLM), balanced k-means, allocation of a speech budget."""
+"""Selection building blocks: embeddings (real MiniLM), balanced k-means, allocation of a speech budget.
+(tests/test_selection_scale.py: the pool streamed and indexed, the embeddings file, k-means in blocks.)"""
 
 import json
 import math
@@ -6,10 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from selection import embed
+from selection import embed, vectors
 from selection.allocate import allocate, allocation_table, target_shares
 from selection.cluster import balanced_kmeans, cluster_summary
-from selection.embed import EmbedConfig, cache_dir_for, embed_part, embed_texts, read_pool
+from selection.embed import EmbedConfig, SentenceEncoder, cache_dir_for, embed_block, embed_pool, embedding_key
+from selection.pool import PoolIndex, index_pool
 from shards.format import Chunk, Segment, atomic_write_json, read_shard, shard_urls, write_shard
 from train.config import ConfigError
 
@@ -30,17 +32,34 @@ def count_encode(monkeypatch):
     calls = []
     real = embed.encode
 
-    def counting(model, texts, batch_size, show=False):
+    def counting(model, texts, batch_size):
         calls.append(len(texts))
-        return real(model, texts, batch_size, show)
+        return real(model, texts, batch_size)
 
     monkeypatch.setattr(embed, "encode", counting)
     return calls
 
 
+def jsonl_pool(folder, texts: list[str]) -> PoolIndex:
+    """The index of a JSONL pool of ``texts`` written into ``folder``."""
+    path = folder / "pool.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return index_pool(path)
+
+
+def read_pool(path) -> list[str]:
+    """Every text of a pool, streamed through its index."""
+    return list(index_pool(path).stream())
+
+
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return embed_texts(TEXTS, EmbedConfig(batch_size=3), cache_dir=tmp_path_factory.mktemp("single"))
+def pool(tmp_path_factory):
+    return jsonl_pool(tmp_path_factory.mktemp("pool"), TEXTS)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, pool):
+    return embed_pool(pool, EmbedConfig(batch_size=3), cache_dir=tmp_path_factory.mktemp("single"))[:]
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -55,47 +74,48 @@ def test_embeddings_are_unit_norm_and_semantic(single):
     assert sim[2, 5] > sim[2, 6] + 0.2 and sim[3, 6] > sim[3, 5] + 0.2       # finance ~ finance, plants ~ plants
 
 
-def test_embeddings_are_cached_by_content(tmp_path, count_encode, single):
+def test_embeddings_are_cached_by_content(tmp_path, count_encode, single, pool):
     cfg = EmbedConfig(batch_size=4)
-    first = embed_texts(TEXTS, cfg, cache_dir=tmp_path)
-    [cache] = tmp_path.glob("*.npy")
+    first = embed_pool(pool, cfg, cache_dir=tmp_path / "cache")
+    [cache] = (tmp_path / "cache").glob("*.npy")
     mtime = cache.stat().st_mtime_ns
     assert count_encode == [len(TEXTS)]
-    np.testing.assert_allclose(first, single, atol=1e-5)
-    again = embed_texts(TEXTS, cfg, cache_dir=tmp_path)
+    np.testing.assert_allclose(first[:], single, atol=1e-5)
+    again = embed_pool(pool, cfg, cache_dir=tmp_path / "cache")
     assert count_encode == [len(TEXTS)] and cache.stat().st_mtime_ns == mtime   # read, not recomputed
-    np.testing.assert_array_equal(again, first)
-    embed_texts(TEXTS[:-1] + ["Something else entirely."], cfg, cache_dir=tmp_path)
-    assert count_encode == [len(TEXTS), len(TEXTS)] and len(list(tmp_path.glob("*.npy"))) == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []   # no temp files
+    np.testing.assert_array_equal(again[:], first[:])
+    embed_pool(jsonl_pool(tmp_path, TEXTS[:-1] + ["Something else entirely."]), cfg, cache_dir=tmp_path / "cache")
+    assert count_encode == [len(TEXTS), len(TEXTS)] and len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert all(p.suffix == ".npy" and ".partial" not in p.name for p in (tmp_path / "cache").iterdir())   # no temp
+    # files, no block markers
 
 
-def test_rank_parts_merge_to_the_single_process_result(tmp_path, count_encode, single):
+def test_rank_blocks_fill_one_file_equal_to_the_single_process_result(tmp_path, count_encode, single, pool):
     cfg = EmbedConfig(batch_size=2)
-    key = embed.cache_key(TEXTS, embed.model_path(cfg))
-    cache = tmp_path / f"{key}.npy"
-    for rank, rows in ((0, 4), (1, 3)):   # what each of 2 ranks embeds
-        part = embed_part(TEXTS, cfg, rank, 2, cache)
+    key = embedding_key(pool, SentenceEncoder(cfg))
+    partial = tmp_path / f"{key}.partial.npy"
+    vectors.create(partial, len(TEXTS), 384)
+    for rank, rows in ((0, 3), (1, 4)):   # what each of 2 ranks embeds: contiguous blocks
+        embed_block(pool, SentenceEncoder(cfg), partial, rank, 2)
         assert count_encode[-1] == rows
-        np.testing.assert_allclose(part, single[rank::2], atol=1e-5)
-        assert (tmp_path / f"{key}.part{rank}of2.npy").is_file()
-    merged = embed_texts(TEXTS, cfg, rank=1, world=2, cache_dir=tmp_path)   # both parts there: nothing to embed
-    assert count_encode == [4, 3]
-    np.testing.assert_allclose(merged, single, atol=1e-5)
-    np.testing.assert_array_equal(embed_texts(TEXTS, cfg, rank=0, world=2, cache_dir=tmp_path), merged)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.npy"]    # rank 0 merged and removed parts
-    alone = tmp_path / "alone"   # without torch.distributed a rank embeds missing parts itself
-    np.testing.assert_allclose(embed_texts(TEXTS, cfg, rank=1, world=2, cache_dir=alone), single, atol=1e-5)
-    assert count_encode[2:] == [3, 4]
+        assert (tmp_path / f"{key}.part{rank}of2.done").is_file()
+    merged = embed_pool(pool, cfg, rank=1, world=2, cache_dir=tmp_path)   # both blocks there: nothing to embed
+    assert count_encode == [3, 4]
+    np.testing.assert_allclose(merged[:], single, atol=1e-5)
+    np.testing.assert_array_equal(embed_pool(pool, cfg, rank=0, world=2, cache_dir=tmp_path)[:], merged[:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{key}.npy"]    # renamed, markers removed
+    alone = tmp_path / "alone"   # without torch.distributed a rank embeds missing blocks itself
+    np.testing.assert_allclose(embed_pool(pool, cfg, rank=1, world=2, cache_dir=alone)[:], single, atol=1e-5)
+    assert count_encode[2:] == [4, 3]
 
 
-def test_embed_errors(tmp_path):
+def test_embed_errors(tmp_path, pool):
     with pytest.raises(ValueError, match="no cache folder"):
-        embed_texts(TEXTS, EmbedConfig())
+        embed_pool(pool, EmbedConfig())
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
-        embed_texts(TEXTS, EmbedConfig(), rank=2, world=2, cache_dir=tmp_path)
+        embed_pool(pool, EmbedConfig(), rank=2, world=2, cache_dir=tmp_path)
     with pytest.raises(ConfigError, match="model"):
-        embed_texts(TEXTS, EmbedConfig(model=str(tmp_path / "missing")), cache_dir=tmp_path)
+        embed_pool(pool, EmbedConfig(model=str(tmp_path / "missing")), cache_dir=tmp_path)
     with pytest.raises(ConfigError, match="batch_size"):
         EmbedConfig(batch_size=0)
 
@@ -190,7 +210,7 @@ def test_kmeans_bad_arguments():
 def test_cluster_summary():
     labels = np.array([1, 0, 1, 1, 0, 1])
     texts = ["b1", "a1", "b2", "x" * 300, "a2", "b4"]
-    summary = cluster_summary(labels, texts, examples=3)
+    summary = cluster_summary(labels, lambda idx: [texts[i] for i in idx], examples=3)
     assert summary[0] == {"cluster": 0, "size": 2, "examples": ["a1", "a2"]}
     assert summary[1] == {"cluster": 1, "size": 4, "examples": ["b1", "b2", "x" * 200 + "..."]}
 
@@ -312,8 +332,9 @@ def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(t
     np.testing.assert_allclose([row["target_share"] for row in alloc["clusters"]], pool / pool.sum())
     chosen = [json.loads(x) for x in (out / "chosen.jsonl").read_text().splitlines()]
     # the same draws as active selection with gamma 0, whatever the scores, at the same budget and seed
-    vectors = embed_texts(POOL, cfg.selection.embed, cache_dir=cfg.run.path() / "pool_embeddings")
-    labels, _ = balanced_kmeans(vectors, 3, seed=3, tolerance=cfg.selection.tolerance)
+    embeddings = embed_pool(index_pool(tmp_path / "pool.jsonl"), cfg.selection.embed,
+                            cache_dir=cfg.run.path() / "pool_embeddings")
+    labels, _ = balanced_kmeans(embeddings, 3, seed=3, tolerance=cfg.selection.tolerance)
     seconds = np.array([len(t.split()) / cfg.selection.words_per_second for t in POOL])
     expected = allocate(labels, np.array([0.1, 7.0, 2.0]), 0.0, 7.0, seconds, seed=3 + 1)
     assert [c["index"] for c in chosen] == expected and len(expected) >= 2
