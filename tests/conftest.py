@@ -36,6 +36,16 @@ def tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(str(tiny_dir))
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """A job called in-process (selection's ``select``, eval's ``main``) joins a one-rank process group; the next
+    test starts without one (a forked worker inheriting it crashes, and helpers would take it for a job's group)."""
+    yield
+    from train import distributed
+
+    distributed.finish()
+
+
 def kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (torchrun starts its ranks in their own sessions, so
     killing the launcher's process group alone would leave them running)."""
