@@ -134,7 +134,7 @@ reuse_stage1() {
 run_ablation() {
   local config=$1 seeds=$2; shift 2
   local values rounds seed name dir s base variant runs=()
-  values=$("$PY" -m train.experiment "$config" "$@" --get rounds seed run.name run.dir)
+  values=$("$PY" -m rounds.experiment "$config" "$@" --get rounds seed run.name run.dir)
   read -r rounds seed name dir <<< "$values"
   for s in ${seeds:-$seed}; do
     base="$name-s$s"
@@ -200,7 +200,7 @@ case "${1:-}" in
     config=configs/toy.yaml
     if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then config=$1; shift; fi
     require_config "$config"
-    rounds=$("$PY" -m train.experiment "$config" "$@" --get rounds)
+    rounds=$("$PY" -m rounds.experiment "$config" "$@" --get rounds)
     run_rounds "$rounds" "$config" "$@"
     ;;
 esac

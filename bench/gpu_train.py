@@ -49,7 +49,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from train.config import split_overrides
+from config import split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # run as a script: bench/eval.py would shadow eval/
@@ -228,7 +228,7 @@ def step_stats(model, loss_cfg, micro_batches: list, encoder_per_sample: float) 
 def setup(args: argparse.Namespace, llm_context=None) -> tuple:
     """Config, model (the LLM loaded inside ``llm_context(cfg)``), batches and their (FLOPs, positions) per step."""
     from model.build import build_speech_lm
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads)

@@ -174,11 +174,12 @@ def machine() -> str:
 
 def measure_alignment(sentences: int) -> list[Measure]:
     """Alignment of ``sentences`` espeak-ng sentences by each aligner, timed apart from the synthesis."""
+    from model.toy_encoder import ToyEncoderArch, ToySpeechNet, save_checkpoint
     from shards.align import mms_fa_aligner
     from shards.tts import TTSConfig, make_tts
     from toy.align import aligner as toy_aligner
     from toy.smoke import sentences as texts
-    from toy.speech_encoder import ToyEncoderArch, ToySpeechNet, phonemize_many, save_checkpoint
+    from toy.speech_encoder import phonemize_many
 
     lines = texts(sentences, seed=0)
     tts = make_tts(TTSConfig(), 16000)

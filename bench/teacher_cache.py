@@ -41,7 +41,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from train.config import split_overrides
+from config import split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # as a script: bench/eval.py shadows eval/
@@ -212,7 +212,7 @@ def report(args: argparse.Namespace, caches: dict, errors: dict, exact: float, m
 
 def main() -> None:
     from model.build import build_speech_lm, load_export, load_tokenizer
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     args = parse()
     torch.set_num_threads(args.threads)

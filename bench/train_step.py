@@ -37,10 +37,10 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train.config import ConfigError, split_overrides
+from config import ConfigError, split_overrides
 
 if TYPE_CHECKING:
-    from train.experiment import ExperimentConfig
+    from rounds.experiment import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # run as a script: bench/eval.py would shadow eval/
@@ -157,10 +157,10 @@ def peak_rss_mib() -> float:
 
 def zero3_worker(args: argparse.Namespace) -> dict | None:
     """One rank of the ZeRO-3 run (under torch.distributed.run); rank 0 returns the totals."""
+    from rounds.experiment import load_experiment
     from train import distributed
     from train.__main__ import ensure_assets
     from train.engine import build_engine
-    from train.experiment import load_experiment
     from train.objective import Objective
 
     rank, world = distributed.join(deepspeed=True)
@@ -196,8 +196,8 @@ def zero3_worker(args: argparse.Namespace) -> dict | None:
 
 def plain_worker(args: argparse.Namespace) -> dict:
     """One process, no DeepSpeed: the same objective and batches, AdamW with the same groups and betas."""
+    from rounds.experiment import load_experiment
     from train.engine import deepspeed_config, param_groups
-    from train.experiment import load_experiment
     from train.objective import Objective
 
     cfg = load_experiment(args.config, args.overrides)
@@ -303,7 +303,7 @@ def report(args: argparse.Namespace, rows: dict[str, dict], load: list[str]) -> 
 
 def check_config(args: argparse.Namespace) -> None:
     """Fail on a bad config or override here, with its message, not inside a launched rank."""
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     try:
         load_experiment(args.config, args.overrides)

@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from model.build import load_export
+from rounds.experiment import ExperimentConfig, job_parser, parse_job
 from train import distributed
-from train.experiment import ExperimentConfig, job_parser, parse_job
 
 METRIC_DIR = Path(__file__).resolve().parent / "metrics" / "salad_gap"
 
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path, rank: int, world: int,
+def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, rank: int, world: int,
                   cascade: bool) -> tuple[dict, dict | None]:
     """The task's metrics per mode, and with ``cascade`` the cascade's accuracy and word error rate."""
     from rich.progress import Progress
@@ -63,7 +63,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, run_dir: Path
     items = read_items(task.path)
     if task.limit:
         items = items[: task.limit]
-    spoken_dir = Path(cfg.eval.spoken_dir or run_dir / "spoken") / task.name
+    spoken_dir = Path(cfg.eval.spoken_dir or cfg.run.folder().spoken) / task.name
     build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers, (rank, world),
                  distributed.barrier)
     audio = load_spoken(spoken_dir)
@@ -128,30 +128,30 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_job(parser(), argv)
     from shards.format import atomic_write_json
 
-    run_dir = cfg.run.path()
-    round_dir = run_dir / f"round-{args.round}"
-    if (round_dir / "eval.json").is_file() and not args.force:
-        print(f"{round_dir / 'eval.json'} exists; nothing to do (--force evaluates again)", file=sys.stderr)
+    run = cfg.run.folder()
+    out = run.eval_json(args.round)
+    if out.is_file() and not args.force:
+        print(f"{out} exists; nothing to do (--force evaluates again)", file=sys.stderr)
         return 0
     from eval.cascade import has_ctc_head
 
     deterministic()
     rank, world = distributed.join(cfg.run.comm_timeout_minutes)
     torch.manual_seed(cfg.seed)
-    student, tokenizer = load_export(round_dir / "export", teacher_path=cfg.model.llm.path, dtype=cfg.model.llm.dtype)
+    student, tokenizer = load_export(run.export(args.round), teacher_path=cfg.model.llm.path, dtype=cfg.model.llm.dtype)
     student = student.to(distributed.device())
     cascade = has_ctc_head(student, cfg.loss.ctc_weight)
     result: dict = {"tasks": {}} | ({"cascade": {}, "cascade_wer": {}} if cascade else {})
     for task in cfg.eval.tasks:
-        metrics, reference = evaluate_task(cfg, task, student, tokenizer, run_dir, rank, world, cascade)
+        metrics, reference = evaluate_task(cfg, task, student, tokenizer, rank, world, cascade)
         result["tasks"][task.name] = metrics
         if reference is not None:
             result["cascade"][task.name] = reference["accuracy"]
             result["cascade_wer"][task.name] = reference["wer"]
     result.update(diagnostics(cfg, student, tokenizer, rank, world))
     if rank == 0:
-        atomic_write_json(round_dir / "eval.json", result)
-        print(f"wrote {round_dir / 'eval.json'}", file=sys.stderr)
+        atomic_write_json(out, result)
+        print(f"wrote {out}", file=sys.stderr)
     distributed.finish()
     return 0
 

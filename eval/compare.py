@@ -31,6 +31,7 @@ from rich.table import Table
 
 from eval.report import ReportError, _md_table, _pct, build_report
 from shards.format import atomic_write_bytes, atomic_write_json
+from train.layout import RunFolder
 
 VARIANTS = ("active", "uniform", "natural")
 MEASURES = {"student_speech": "Student speech accuracy (%)", "gap": "Gap: teacher text - student speech (points)"}
@@ -68,7 +69,7 @@ def load_run(path: Path) -> Run:
     last = rounds[-1]
     if last["round"] < 1:
         raise ReportError(f"{path}: only round 0 is evaluated; a comparison needs a selection round")
-    config_path = path / f"round-{last['round']}" / "config.json"
+    config_path = RunFolder(path).round(last["round"]) / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from config import require
 from shards.tts import TTSConfig
-from train.config import require
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,14 +20,12 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from config import ConfigError
 from shards.format import atomic_write_bytes, atomic_write_json
-from train.config import ConfigError
-from train.experiment import job_parser, parse_job
+from train.layout import RunFolder
 
 MEASURES = ("teacher_text", "student_text", "student_speech", "gap", "text_gap")
 DIAGNOSTICS = ("M", "F")
-EVAL_NAME = "eval.json"
-ROUND_DIR = re.compile(r"round-(\d+)")
 TASK_HEADER = ("round", "task", "n", "teacher text", "student text", "student speech", "gap [95% CI]",
                "text gap [95% CI]")
 DIAG_HEADER = ("round", "M", "F", "avg student speech", "avg gap")
@@ -92,11 +89,10 @@ def build_report(run_dir: Path) -> dict:
 
     Keys of eval.json beyond the schema (e.g. "cascade") are kept; "average" is the macro average over tasks.
     """
-    run_dir = Path(run_dir)
-    found = sorted((int(m.group(1)), p / EVAL_NAME) for p in run_dir.glob("round-*")
-                   if (m := ROUND_DIR.fullmatch(p.name)) and (p / EVAL_NAME).is_file())
+    run = RunFolder(Path(run_dir))
+    found = [(r, run.eval_json(r)) for r in run.rounds() if run.eval_json(r).is_file()]
     if not found:
-        raise FileNotFoundError(f"{run_dir}: no round-R/{EVAL_NAME}; evaluate a round first (python -m eval)")
+        raise FileNotFoundError(f"{run_dir}: no round-R/eval.json; evaluate a round first (python -m eval)")
     rounds = []
     for round_, path in found:
         data = read_eval(path)
@@ -235,6 +231,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rounds.experiment import job_parser, parse_job  # the command line reads an experiment
+
     _, cfg = parse_job(job_parser("python -m eval.report", __doc__), argv)
     try:
         report = build_report(cfg.run.path())

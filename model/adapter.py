@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen2Config, Qwen2Model
 
-from train.config import require
+from config import require
+from model.masks import valid_mask
 
 N = TypeVar("N", int, Tensor)
 
@@ -105,10 +105,10 @@ class Adapter(nn.Module):
         batch, num_frames, _ = frames.shape
         k = self.cfg.stack
         steps = self.output_length(num_frames)
-        valid = torch.arange(num_frames, device=frames.device) < lengths[:, None]
+        valid = valid_mask(lengths, num_frames)
         frames = frames.to(self.proj_in.weight.dtype).masked_fill(~valid[..., None], 0.0)
         stacked = F.pad(frames, (0, 0, 0, steps * k - num_frames)).reshape(batch, steps, k * self.in_dim)
         hidden = self.backbone(inputs_embeds=self.drop(self.proj_in(stacked))).last_hidden_state
         out_lengths = self.output_length(lengths)
-        out_valid = torch.arange(steps, device=frames.device) < out_lengths[:, None]
+        out_valid = valid_mask(out_lengths, steps)
         return self.proj_out(hidden).masked_fill(~out_valid[..., None], 0.0), out_lengths

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from config import from_dict, require
 from model.adapter import Adapter, AdapterConfig
 from model.encoder import EncoderConfig, build_encoder
 from model.speech_lm import SpeechLM
-from train.config import from_dict, require
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from transformers import MimiConfig, MimiModel, PreTrainedModel, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from train.config import require
+from config import require
+from model.masks import valid_mask
 
 
 @dataclass
@@ -37,11 +38,6 @@ class EncoderConfig:
         require(bool(self.path) or not ENCODERS[self.kind].pretrained, "path",
                 f"encoder kind {self.kind!r} loads weights: give the local model directory")
         require(self.n_mels > 0, "n_mels", f"must be positive, got {self.n_mels}")
-
-
-def _valid(lengths: Tensor, size: int) -> Tensor:
-    """[B, size] bool: position < length."""
-    return torch.arange(size, device=lengths.device) < lengths[:, None]
 
 
 def _power_mel(waves: Tensor, window: Tensor, filters: Tensor, hop: int, center: bool) -> Tensor:
@@ -111,13 +107,13 @@ class SpeechEncoder(nn.Module):
                                                               or int(lengths.max()) > waves.shape[1]):
             raise ValueError(f"lengths must lie in [0, {waves.shape[1]}], got {lengths.tolist()}")
         lengths = lengths.to(waves.device, torch.long)
-        waves = waves.float().masked_fill(~_valid(lengths, waves.shape[1]), 0.0)
+        waves = waves.float().masked_fill(~valid_mask(lengths, waves.shape[1]), 0.0)
         frame_lengths = self.frame_lengths(lengths)
         if num_frames is None:
             num_frames = int(frame_lengths.max()) if len(lengths) else 0
         num = num_frames
         frames = self._encode(waves, lengths)[:, :num]
-        return frames.masked_fill(~_valid(frame_lengths, num)[..., None], 0.0), frame_lengths
+        return frames.masked_fill(~valid_mask(frame_lengths, num)[..., None], 0.0), frame_lengths
 
 
 class MelEncoder(SpeechEncoder):
@@ -143,7 +139,7 @@ class MelEncoder(SpeechEncoder):
         waves = F.pad(waves, (0, max(0, self.win - waves.shape[1])))
         x = (_power_mel(waves, self.window, self.filters, self.hop, center=False) + 1e-6).log().transpose(1, 2)
         n = self.frame_lengths(lengths)
-        mask = _valid(n, x.shape[1])[..., None]
+        mask = valid_mask(n, x.shape[1])[..., None]
         count = n.clamp(min=1)[:, None, None]
         mean = (x * mask).sum(1, keepdim=True) / count
         var = ((x - mean).pow(2) * mask).sum(1, keepdim=True) / count
@@ -205,7 +201,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
         waves = F.pad(waves, (0, size * self.hop + self.n_fft // 2 - waves.shape[1]))
         log = _power_mel(waves, self.window, self.filters, self.hop, center=True)[..., :size]
         log = log.clamp(min=1e-10).log10()
-        peak = log.masked_fill(~_valid(n_mel, size)[:, None], float("-inf")).amax(dim=(1, 2))
+        peak = log.masked_fill(~valid_mask(n_mel, size)[:, None], float("-inf")).amax(dim=(1, 2))
         return (torch.maximum(log, peak[:, None, None] - 8.0) + 4.0) / 4.0
 
     def encode_features(self, features: Tensor, frame_lengths: Tensor) -> Tensor:
@@ -218,7 +214,7 @@ class WhisperSpeechEncoder(SpeechEncoder):
         x = F.gelu(enc.conv2(x)).transpose(1, 2)
         x = x + enc.embed_positions(torch.arange(x.shape[1], device=x.device))
         mask = torch.zeros(x.shape[0], 1, 1, x.shape[1], dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~_valid(frame_lengths, x.shape[1])[:, None, None], torch.finfo(x.dtype).min)
+        mask.masked_fill_(~valid_mask(frame_lengths, x.shape[1])[:, None, None], torch.finfo(x.dtype).min)
         for layer in enc.layers:
             x = layer(x, mask)
         return enc.layer_norm(x)
@@ -267,7 +263,7 @@ class ToySpeechEncoder(SpeechEncoder):
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
-        from toy.speech_encoder import load_model  # imported here: toy builds on this module's MelEncoder
+        from model.toy_encoder import load_model  # imported here: it builds on this module's MelEncoder
 
         _require_dir(cfg.path)
         self.model = load_model(cfg.path).to(getattr(torch, cfg.dtype))

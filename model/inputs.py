@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from config import require
+from model.masks import valid_mask
 from shards.format import Chunk
-from train.config import require
 
 TEXT, SPEECH = 0, 1
 log = logging.getLogger(__name__)
@@ -375,8 +376,7 @@ class Layout:
         t_start, t_total = _row_starts(t_len, batch.unit_row, batch.rows)
         student_len, teacher_len = (int(s_total.max()), int(t_total.max())) if batch.rows else (0, 0)
         device = kind.device
-        student_mask = torch.arange(student_len, device=device)[None] < s_total[:, None]
-        teacher_mask = torch.arange(teacher_len, device=device)[None] < t_total[:, None]
+        student_mask, teacher_mask = valid_mask(s_total, student_len), valid_mask(t_total, teacher_len)
 
         teacher_ids = torch.zeros(batch.rows, teacher_len, dtype=torch.long, device=device)
         text = ~is_speech

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from model.adapter import Adapter
 from model.encoder import SpeechEncoder
 from model.inputs import Batch, Document, Layout, pack
+from model.masks import valid_mask
 
 BEGIN, END, BLANK = 0, 1, 2    # rows of SpeechLM.boundary
 BLANK_LABEL = -1               # greedy CTC label of a blank frame (token labels are ids >= 0)
@@ -66,11 +67,6 @@ def embedding_table(embed: nn.Module) -> Tensor:
         return weight.detach()
     with torch.no_grad():
         return embed(torch.arange(weight.ds_shape[0], device=weight.device))
-
-
-def valid_mask(lengths: Tensor, width: int) -> Tensor:
-    """[S, width] bool: the first lengths[s] entries of each row."""
-    return torch.arange(width, device=lengths.device) < lengths[:, None]
 
 
 def ctc_runs(labels: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:

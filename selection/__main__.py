@@ -22,14 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from train.config import ConfigError
-from train.experiment import ExperimentConfig, job_parser, parse_job
+from config import ConfigError
+from rounds.experiment import ExperimentConfig, job_parser, parse_job
+from train.layout import RunFolder
 
 if TYPE_CHECKING:
     from selection.pool import PoolIndex
-
-DONE = "DONE"
-
 
 def natural_seconds(cfg: ExperimentConfig) -> float:
     from shards.format import read_index
@@ -37,11 +35,11 @@ def natural_seconds(cfg: ExperimentConfig) -> float:
     return sum(sum(s.get("seconds", 0.0) for s in read_index(ref.path)["shards"]) for ref in cfg.data.speech)
 
 
-def previously_chosen(run_dir: Path, round_: int) -> set[int]:
+def previously_chosen(run: RunFolder, round_: int) -> set[int]:
     """Pool indices drawn in earlier rounds: never drawn again."""
     chosen: set[int] = set()
     for r in range(1, round_):
-        path = run_dir / f"round-{r}" / "selection" / "chosen.jsonl"
+        path = run.selection(r) / "chosen.jsonl"
         if path.is_file():
             chosen.update(json.loads(line)["index"] for line in path.read_text().splitlines() if line)
     return chosen
@@ -92,7 +90,7 @@ def cluster_pool(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> tup
     from train import distributed
 
     sel = cfg.selection
-    folder = cfg.run.path() / "pool_embeddings"
+    folder = cfg.run.folder().pool_embeddings
     pool = open_pool(sel.pool, folder)
     vectors = embed_pool(pool, sel.embed, rank, world, cache_dir=folder)
     labels = None
@@ -117,7 +115,7 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, pool: PoolIndex, labels: 
     from train.objective import Objective
 
     sel = cfg.selection
-    student, tokenizer = load_export(cfg.run.path() / f"round-{round_ - 1}" / "export",
+    student, tokenizer = load_export(cfg.run.folder().export(round_ - 1),
                                      teacher_path=cfg.model.llm.path, dtype=cfg.model.llm.dtype)
     student = student.to(distributed.device())
     drawn = probe_texts(labels, sel.probes, cfg.seed + round_)
@@ -154,16 +152,17 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
         raise ConfigError("selection.pool: a text pool is required")
     rank, world = distributed.join(cfg.run.comm_timeout_minutes)
     console = Console(stderr=True)
-    run_dir = cfg.run.path()
-    out = run_dir / f"round-{round_}" / "selection"
-    if (out / DONE).is_file():
+    run = cfg.run.folder()
+    out = run.selection(round_)
+    if run.selected(round_).is_file():
         if rank == 0:
-            console.print(f"{out} is complete ({DONE} exists); nothing to do")
+            console.print(f"{out} is complete ({run.selected(round_).name} exists); nothing to do")
         return out
     out.mkdir(parents=True, exist_ok=True)
     if sel.strategy == "natural":
         if rank == 0:
-            (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": 0, "budget_s": 0.0}) + "\n")
+            run.selected(round_).write_text(json.dumps({"strategy": sel.strategy, "texts": 0, "budget_s": 0.0})
+                                            + "\n")
             console.print(f"round {round_}: natural-speech control: nothing selected, the round trains on the "
                           "natural speech only")
         distributed.barrier()
@@ -181,7 +180,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     budget = sel.budget_s or sel.budget_fraction * natural_seconds(cfg)
     seconds_per_text = pool.words / sel.words_per_second
     chosen = distributed.broadcast_object(allocate(labels, score, gamma, budget, seconds_per_text,
-                                                   seed=cfg.seed + round_, exclude=previously_chosen(run_dir, round_)))
+                                                   seed=cfg.seed + round_, exclude=previously_chosen(run, round_)))
     texts = pool.texts(chosen)   # only these texts are read, by their positions in the pool
     if rank == 0:
         table = allocation_table(labels, chosen, score, shares, seconds_per_text)
@@ -197,9 +196,10 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
                                   out / "shards", sel.tts, sample_rate, sel.workers, source=f"selection-round-{round_}",
                                   seed=cfg.seed + round_, part=(rank, world), barrier=distributed.barrier)
     if rank == 0:   # weighted by its documents among the selected sets (data.selected_share is theirs together)
-        append_speech_set(run_dir, ShardSetRef(path=str(shards), weight=float(read_index(shards)["docs"])), round_,
+        append_speech_set(run.root, ShardSetRef(path=str(shards), weight=float(read_index(shards)["docs"])), round_,
                           cfg.data)
-        (out / DONE).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen), "budget_s": budget})
+        run.selected(round_).write_text(json.dumps({"strategy": sel.strategy, "texts": len(chosen),
+                                                    "budget_s": budget})
                                 + "\n")
         console.print(f"round {round_}: {sel.strategy} selection of {len(chosen)} texts (~{budget:.0f} s) from {k} "
                       f"clusters -> {shards}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from config import require
 from selection.embed import EmbedConfig
 from shards.tts import TTSConfig
-from train.config import require
 
 
 @dataclass

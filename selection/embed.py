@@ -30,11 +30,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from config import require
 from selection import vectors
 from selection.pool import PoolIndex
 from selection.vectors import Vectors
 from train import distributed
-from train.config import require
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach for a model hub
 CACHE_NAME = ".embeddings"

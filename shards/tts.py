@@ -27,7 +27,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from train.config import require
+from config import require
 
 ESPEAK_SPEEDS = (80, 450)  # words per minute espeak-ng accepts (it clamps outside)
 ESPEAK_PITCHES = (0, 99)

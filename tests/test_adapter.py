@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from config import ConfigError, from_dict
 from model.adapter import Adapter, AdapterConfig
-from train.config import ConfigError, from_dict
 
 IN_DIM, OUT_DIM = 6, 10
 

@@ -9,10 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from model.toy_encoder import ToyEncoderArch, ToySpeechNet, save_checkpoint
 from shards.align import MMS_FA, Unaligned, WordAligner, load_aligner
 from shards.format import read_shard, shard_urls
 from tests.test_build import build, write_jsonl
-from toy.speech_encoder import ToyEncoderArch, ToySpeechNet, save_checkpoint
 
 SR = 16000
 

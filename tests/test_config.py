@@ -5,8 +5,8 @@ from typing import Literal
 
 import pytest
 
-from train.config import ConfigError, from_dict, require, split_overrides
-from train.experiment import ExperimentConfig, load_experiment
+from config import ConfigError, from_dict, require, split_overrides
+from rounds.experiment import ExperimentConfig, load_experiment
 
 
 @dataclass

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config import ConfigError, from_dict
 from model.adapter import AdapterConfig
 from model.build import LLMConfig, ModelConfig, build_speech_lm
 from model.encoder import EncoderConfig
 from model.inputs import SPEECH, TEXT, Document, Span, pack
 from model.speech_lm import BLANK, BLANK_LABEL, ctc_pool
-from train.config import ConfigError, from_dict
 from train.losses import ctc_alignment_loss, distillation_loss, nll_loss
 from train.objective import LossConfig, Objective
 

@@ -17,8 +17,8 @@ from transformers import (
     WhisperModel,
 )
 
+from config import ConfigError
 from model.encoder import EncoderConfig, SpeechEncoder, build_encoder
-from train.config import ConfigError
 
 torch.set_num_threads(1)
 

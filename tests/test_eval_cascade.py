@@ -131,7 +131,7 @@ def ctc_run(tmp_path_factory):
     from eval.spoken import build_spoken, load_spoken
     from model.build import build_speech_lm, load_tokenizer
     from model.inputs import SPEECH, Document, Span
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     subprocess.run([sys.executable, "-m", "toy.smoke"], cwd=REPO, env=env(), check=True)   # reused if built
     run_dir = tmp_path_factory.mktemp("runs_cascade")
@@ -149,7 +149,7 @@ def ctc_run(tmp_path_factory):
     trained = {k: v for k, v in model.state_dict().items() if k.startswith("adapter.") or k == "boundary"}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train.export, "trained_state", lambda ckpt_dir, tag: trained)
-        train.export.export(cfg, run_dir, "final", cfg.run.path() / "round-0" / "export")
+        train.export.export(cfg.model, run_dir, "final", cfg.run.folder().export(0))
     return run_dir
 
 

@@ -23,7 +23,7 @@ def export_dir(tmp_path_factory):
     """The smoke model as ``train.export`` writes it, with nothing trained: the seeded fresh adapter and
     boundaries, and LoRA (B = 0) merged into the smoke LLM. The real export path without a training run."""
     import train.export
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     subprocess.run([sys.executable, "-m", "toy.smoke"], cwd=REPO, env=env(), check=True)   # reused if built
     run_dir = tmp_path_factory.mktemp("runs_infer")
@@ -31,7 +31,7 @@ def export_dir(tmp_path_factory):
     torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train.export, "trained_state", lambda ckpt_dir, tag: {})
-        return train.export.export(cfg, run_dir, "final", run_dir / "export")
+        return train.export.export(cfg.model, run_dir, "final", run_dir / "export")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import ConfigError, from_dict
 from model.inputs import (
     SPEECH,
     TEXT,
@@ -17,7 +18,6 @@ from model.inputs import (
     text_document,
 )
 from shards.format import Chunk, Segment
-from train.config import ConfigError, from_dict
 
 SR = 1000  # samples per second in these hand-built documents
 

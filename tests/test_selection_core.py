@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from config import ConfigError
 from selection import embed, vectors
 from selection.allocate import allocate, allocation_table, target_shares
 from selection.cluster import balanced_kmeans, cluster_summary
 from selection.embed import EmbedConfig, SentenceEncoder, cache_dir_for, embed_block, embed_pool, embedding_key
 from selection.pool import PoolIndex, index_pool
 from shards.format import Chunk, Segment, atomic_write_json, read_shard, shard_urls, write_shard
-from train.config import ConfigError
 
 TEXTS = [
     "The cat sat on the mat by the door.",
@@ -293,7 +293,7 @@ POOL = TEXTS + [
 
 
 def strategy_config(tmp_path, strategy: str, pool: bool = True):
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     natural = tmp_path / "natural"
     atomic_write_json(natural / "index.json", {"sr": 16000, "shards": [{"url": "x.tar", "seconds": 100.0}]})
@@ -319,7 +319,8 @@ def no_student(monkeypatch):
 def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(tmp_path, no_student):
     import yaml
 
-    from selection.__main__ import DONE, select
+    from selection.__main__ import select
+    from train.layout import DONE
 
     cfg = strategy_config(tmp_path, "uniform")
     out = select(cfg, 1)
@@ -360,8 +361,9 @@ def test_uniform_selection_draws_by_pool_share_at_the_budget_without_a_student(t
 
 
 def test_natural_control_selects_nothing_and_the_round_trains_on_natural_speech(tmp_path, no_student):
-    from selection.__main__ import DONE, select
+    from selection.__main__ import select
     from train.data import round_speech_sets
+    from train.layout import DONE
 
     cfg = strategy_config(tmp_path, "natural", pool=False)   # needs no pool either
     out = select(cfg, 1)

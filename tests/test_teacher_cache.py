@@ -156,7 +156,7 @@ def command(sets: Path, *args: str) -> list[str]:
 
 def load(sets: Path, *extra: str):
     from model.build import load_tokenizer
-    from train.experiment import load_experiment
+    from rounds.experiment import load_experiment
 
     cfg = load_experiment(REPO / "configs/smoke.yaml", overrides(sets, *extra))
     return cfg, load_tokenizer(cfg.model)
@@ -208,8 +208,8 @@ def test_teacher_tokens_without_decoding_audio_follow_word_timings(tmp_path):
     import numpy as np
 
     from model.build import load_tokenizer
+    from rounds.experiment import load_experiment
     from shards.format import Chunk, Segment, read_shard, write_shard
-    from train.experiment import load_experiment
     from train.teacher_cache import read_text, teacher_ids
 
     cfg = load_experiment(REPO / "configs/smoke.yaml", [f"model.llm.path={SMOKE / 'llm'}"])

@@ -10,14 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from config import ConfigError
 from model.encoder import EncoderConfig, SpeechEncoder, build_encoder
+from model.toy_encoder import CONFIG, WEIGHTS, ToyEncoderArch, ToySpeechNet, load_model, save_checkpoint
 from shards.tts import TTSConfig
 from toy.speech_encoder import (
-    CONFIG,
-    WEIGHTS,
-    ToyEncoderArch,
-    ToySpeechNet,
-    load_model,
     phoneme_error_rate,
     phonemize,
     phonemize_many,
@@ -25,10 +22,8 @@ from toy.speech_encoder import (
     progress_bar,
     random_word_strings,
     read_texts,
-    save_checkpoint,
     speak,
 )
-from train.config import ConfigError
 
 torch.set_num_threads(1)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from config import ConfigError, from_dict
 from shards.tts import TTSConfig, TTSError, make_tts, synthesize_many
-from train.config import ConfigError, from_dict
 
 SR = 16000
 SENTENCE = "The quick brown fox jumps over the lazy dog."

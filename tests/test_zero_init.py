@@ -19,10 +19,10 @@ from model.adapter import Adapter, AdapterConfig
 from model.build import LLMConfig, ModelConfig, build_speech_lm, load_llm
 from model.encoder import EncoderConfig
 from model.inputs import SPEECH, TEXT, Document, Span, pack
+from rounds.experiment import load_experiment
 from tests.conftest import kill_tree
 from tests.test_train import REPO, TORCHRUN, env
 from train.engine import TrainConfig, deepspeed_config, llm_init
-from train.experiment import load_experiment
 
 STEPS = 6
 IDS = torch.tensor([[1, 5, 9, 22, 31, 7, 40, 41], [1, 12, 4, 8, 60, 61, 62, 63]])

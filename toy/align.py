@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from model.toy_encoder import load_model
 from shards.align import WordAligner
-from toy.speech_encoder import TARGET_VOICE, load_model, phonemize_many
+from toy.speech_encoder import TARGET_VOICE, phonemize_many
 
 
 def aligner(path: str, device: str = "cpu") -> WordAligner:

@@ -109,9 +109,10 @@ def build_encoder(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
 
 def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
+    from model.toy_encoder import SAMPLE_RATE
     from shards.build import build_texts, cut_pieces
     from shards.tts import TTSConfig
-    from toy.speech_encoder import SAMPLE_RATE, TRAIN_SPEEDS, TRAIN_VOICES
+    from toy.speech_encoder import TRAIN_SPEEDS, TRAIN_VOICES
 
     rng = _domain_rng(world.seed, "speech", NATURAL)
     stories = world.texts(NATURAL, sizes.stories, rng)
@@ -121,8 +122,8 @@ def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
 
 def build_text(world: World, out: Path, sizes: Sizes, workers: int) -> None:
+    from model.toy_encoder import SAMPLE_RATE
     from shards.build import build_texts
-    from toy.speech_encoder import SAMPLE_RATE
 
     docs = [doc for d in DOMAINS
             for doc in _docs(world.texts(d, sizes.text_per_domain, _domain_rng(world.seed, "text", d)), d, 8)]
@@ -130,9 +131,9 @@ def build_text(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
 
 def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
+    from model.toy_encoder import SAMPLE_RATE
     from shards.build import build_texts, cut_pieces
     from shards.tts import TTSConfig
-    from toy.speech_encoder import SAMPLE_RATE
 
     docs = []
     for d in DOMAINS:

@@ -21,18 +21,13 @@ from pathlib import Path
 
 import torch
 
+from config import to_dict
+from rounds.experiment import ExperimentConfig, job_parser, parse_job
 from train import checkpoint, distributed
-from train.config import to_dict
-from train.experiment import ExperimentConfig, job_parser, parse_job
+from train.layout import DONE, PRE_DECAY
 from train.schedule import decay_start
 
-DONE = "DONE"
-PRE_DECAY = "pre-decay"
 STEP_FIGURES = ("loss", "kl", "nll", "ctc", "tokens", "cached")   # the Objective's outputs a logged step reports
-
-
-def round_dir(cfg: ExperimentConfig, round_: int) -> Path:
-    return cfg.run.path() / f"round-{round_}"
 
 
 def ensure_assets(cfg: ExperimentConfig, rank: int) -> None:
@@ -120,8 +115,9 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     from train.teacher_cache import open_cache
 
     rank, world = distributed.join(cfg.run.comm_timeout_minutes, deepspeed=True)
-    out = round_dir(cfg, round_)
-    if (out / DONE).exists():
+    run = cfg.run.folder()
+    out = run.round(round_)
+    if run.trained(round_).exists():
         if rank == 0:
             print(f"{out} is complete ({DONE} exists); nothing to do", file=sys.stderr)
         return out
@@ -142,11 +138,11 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     schedule = cfg.train.for_round(round_)
     engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), schedule, world)
     describe_partitions(engine, out / "engine.json", world)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = run.checkpoints(round_)
     resumed = checkpoint.resume(engine, ckpt_dir)
     start = None
     if round_ > 0:   # stage II: from a pre-decay checkpoint (TrainConfig.stage2_start), with this round's schedule
-        start = round_dir(cfg, cfg.train.stage2_start(round_)) / "checkpoints" / PRE_DECAY
+        start = run.checkpoints(cfg.train.stage2_start(round_)) / PRE_DECAY
         if resumed is None:
             checkpoint.start_from(engine, start.parent, PRE_DECAY)
         if rank == 0:
@@ -207,13 +203,13 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     checkpoint.save(engine, ckpt_dir, "final", step, source.state())
     distributed.barrier()
     if rank == 0:
-        export(cfg, ckpt_dir, "final", out / "export")
+        export(cfg.model, ckpt_dir, "final", run.export(round_))
     distributed.barrier()
     probe, _ = source.next(step, micro=0)   # a batch past the last step: data no step has seen
-    verdict = check_export(engine.module.model, out / "export", probe.to(engine.device), cfg.train, rank)
+    verdict = check_export(engine.module.model, run.export(round_), probe.to(engine.device), cfg.train, rank)
     if rank == 0:
-        (out / DONE).write_text(json.dumps({"step": step, "started_from": str(start) if start else None, **verdict})
-                                + "\n")
+        done = {"step": step, "started_from": str(start) if start else None, **verdict}
+        run.trained(round_).write_text(json.dumps(done) + "\n")
     distributed.barrier()
     return out
 

@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from config import from_dict, require
 from model.inputs import Batch, InputsConfig, batch_of_rows, interleave, pack, pack_rows, text_document
 from shards.format import Chunk, atomic_write_bytes, read_index
 from shards.stream import ShardStream, StreamConfig, stream_loader
-from train.config import from_dict, require
+from train.layout import RunFolder
 
 if TYPE_CHECKING:
     from train.teacher_cache import TeacherCache
@@ -130,13 +131,10 @@ def heldout_batch(path: str, docs: int, inputs: InputsConfig, tokenizer, vectors
     return batch_of_rows(mine or rows[:1], vectors_for, tokenizer.bos_token_id), float(bool(mine))
 
 
-DATA_YAML = "data.yaml"
-
-
 def round_speech_sets(run_dir: Path, cfg: DataConfig, round_: int) -> list[ShardSetRef]:
     """Speech shard sets round ``round_`` trains on: the config's natural sets, plus every selected set that
     ``runs/<name>/data.yaml`` lists from an earlier round up to this one (``mixed``)."""
-    path = run_dir / DATA_YAML
+    path = RunFolder(run_dir).data_yaml
     entries = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
     return mixed(cfg, _selected(entries, round_, path))
 
@@ -166,7 +164,7 @@ def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int, cfg: DataCon
     """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op), its weight relative to the
     other selected sets (e.g. its documents), and write down the share of speech documents every set gets from
     this round on (``share``; the natural sets under ``natural``)."""
-    path = run_dir / DATA_YAML
+    path = RunFolder(run_dir).data_yaml
     entries = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {"speech": []}
     if not any(e["path"] == ref.path for e in entries["speech"]):
         entries["speech"].append({"path": ref.path, "weight": ref.weight, "round": round_})

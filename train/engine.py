@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from train.config import require
+from config import require
 from train.schedule import decay_start, wsd_factor
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,10 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.build import build_speech_lm, load_tokenizer
+from model.build import ModelConfig, build_speech_lm, load_tokenizer
 from train import distributed
 from train.engine import TrainConfig, train_dtype
-from train.experiment import ExperimentConfig
 
 OBJECTIVE_PREFIX = "model."   # the engine wraps train.objective.Objective, whose SpeechLM is `.model`
 
@@ -35,9 +34,9 @@ def trained_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix(OBJECTIVE_PREFIX): v for k, v in state.items()}
 
 
-def export(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
+def export(cfg: ModelConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
     """Rebuild the model on CPU in fp32, load the trained weights, merge LoRA, write ``out`` atomically."""
-    model_cfg = dataclasses.replace(cfg.model, llm=dataclasses.replace(cfg.model.llm, dtype="float32"),
+    model_cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, dtype="float32"),
                                     gradient_checkpointing=False)
     model = build_speech_lm(model_cfg, with_teacher=False)   # the export holds the student only
     missing_trained = model.load_state_dict(trained_state(ckpt_dir, tag), strict=False).unexpected_keys
@@ -47,15 +46,15 @@ def export(cfg: ExperimentConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     llm.save_pretrained(str(tmp / "llm"))
-    load_tokenizer(cfg.model).save_pretrained(str(tmp / "llm"))
-    encoder_cfg = dataclasses.asdict(cfg.model.encoder)
+    load_tokenizer(cfg).save_pretrained(str(tmp / "llm"))
+    encoder_cfg = dataclasses.asdict(cfg.encoder)
     if encoder_cfg.get("path"):
         shutil.copytree(encoder_cfg["path"], tmp / "encoder")
         encoder_cfg["path"] = "encoder"
     speech = {f"adapter.{k}": v.contiguous() for k, v in model.adapter.state_dict().items()}
     speech["boundary"] = model.boundary.detach().contiguous()
     save_file(speech, str(tmp / "speech.safetensors"))
-    config = {"encoder": encoder_cfg, "adapter": dataclasses.asdict(cfg.model.adapter)}
+    config = {"encoder": encoder_cfg, "adapter": dataclasses.asdict(cfg.adapter)}
     (tmp / "speech_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

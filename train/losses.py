@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from model.masks import valid_mask
 from train import distributed
 
 Head = Callable[[Tensor], Tensor]
@@ -261,7 +262,7 @@ def ctc_alignment_loss(vectors: Tensor, blank_logits: Tensor, lengths: Tensor, t
     if blank_logits.shape != vectors.shape[:2]:
         raise ValueError(f"blank_logits: shape {tuple(blank_logits.shape)} must be [spans, vectors] "
                          f"{tuple(vectors.shape[:2])}")
-    valid = torch.arange(vectors.shape[1], device=lengths.device) < lengths[:, None]
+    valid = valid_mask(lengths, vectors.shape[1])
     classes, renumbered = _ctc_classes(targets, target_lengths)
     span_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     log_probs = _chunked_rows(partial(_ctc_rows, head=head), (vectors[valid], blank_logits[valid], classes[span_of]),

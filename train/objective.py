@@ -20,10 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from config import require
 from model.inputs import Batch, Layout, document_positions
 from model.speech_lm import SpeechLM
 from train import distributed
-from train.config import require
 from train.losses import (
     chunked_kl,
     combine,

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from model.build import resolve_dtype
 from model.inputs import Batch, Document, InputsConfig, interleave, text_document
+from model.masks import valid_mask
 from shards.format import (
     ShardFormatError,
     atomic_write_bytes,
@@ -160,10 +161,10 @@ def compute_targets(llm, docs: list[list[int]], top_k: int, temperature: float, 
         ids = torch.zeros(len(group), width, dtype=torch.long)
         for row, i in enumerate(group):
             ids[row, : len(docs[i])] = torch.tensor(docs[i], dtype=torch.long)
-        mask = torch.arange(width) < lengths[:, None]
+        mask = valid_mask(lengths, width)
         hidden = decoder(input_ids=ids.to(device), attention_mask=mask.long().to(device),
                          use_cache=False).last_hidden_state
-        predicting = torch.arange(width) < (lengths - 1)[:, None]   # positions followed by a token
+        predicting = valid_mask(lengths - 1, width)   # positions followed by a token
         parts = [topk_log_probs(head(part), top_k, temperature)
                  for part in hidden[predicting.to(device)].split(chunk_size)]
         merged = [torch.cat([p[j] for p in parts]).cpu() for j in range(3)] if parts else \
@@ -398,7 +399,7 @@ def default_sets(cfg, round_: int) -> list[tuple[str, bool]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train.experiment import job_parser, parse_job
+    from rounds.experiment import job_parser, parse_job
 
     parser = job_parser("python -m train.teacher_cache", __doc__,
                         "round whose selected speech sets (runs/<name>/data.yaml) are included (default 0)")

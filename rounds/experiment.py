@@ -1,4 +1,8 @@
-"""The experiment config: every section in one typed tree, loaded from one YAML file."""
+"""The experiment config: every section in one typed tree, loaded from one YAML file.
+
+It sits above the jobs (train, eval, selection): each section's dataclass lives in the folder that owns it, and
+this module composes them; the jobs' entry points (``python -m train``, ...) read it.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from config import ConfigError, load_config, split_overrides
 from eval.config import EvalConfig
 from model.build import ModelConfig
 from model.inputs import InputsConfig
 from selection.config import SelectionConfig
 from shards.stream import StreamConfig
-from train.config import ConfigError, RunConfig, load_config, split_overrides
 from train.data import DataConfig
 from train.engine import TrainConfig
+from train.layout import RunConfig
 from train.objective import LossConfig
 
 
@@ -64,10 +69,10 @@ def parse_job(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train.experiment CONFIG [key=value ...] --get KEY...``: print resolved values (for run.sh)."""
+    """``python -m rounds.experiment CONFIG [key=value ...] --get KEY...``: print resolved values (for run.sh)."""
     args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     if "--get" not in args or args.index("--get") != 1:
-        print("usage: python -m train.experiment CONFIG [key=value ...] --get KEY [KEY ...]", file=sys.stderr)
+        print("usage: python -m rounds.experiment CONFIG [key=value ...] --get KEY [KEY ...]", file=sys.stderr)
         return 2
     try:
         cfg = load_experiment(args[0], overrides)
