@@ -66,31 +66,3 @@ def parse_job(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m rounds.experiment CONFIG [key=value ...] --get KEY...``: print resolved values (for run.sh)."""
-    args, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
-    if "--get" not in args or args.index("--get") != 1:
-        print("usage: python -m rounds.experiment CONFIG [key=value ...] --get KEY [KEY ...]", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_experiment(args[0], overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    values = []
-    for key in args[2:]:
-        node = cfg
-        for part in key.split("."):
-            if not hasattr(node, part):
-                print(f"error: {key}: no such key", file=sys.stderr)
-                return 2
-            node = getattr(node, part)
-        values.append(str(node))
-    print(" ".join(values))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
