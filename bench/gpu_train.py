@@ -25,7 +25,7 @@ The head terms count once for the KL and once more for the NLL when loss.alpha <
 paper's config) is not counted. MFU = model FLOPs / s / peak: bf16 dense peaks by device name (H100 SXM and
 H200 989 TFLOPS, H100 PCIe 756, A100 312) or --peak-tflops; on CPU a nominal 0.1 TFLOPS per thread.
 
-    PYTHONPATH=. python bench/gpu_train.py [--shape 3b|tiny --steps 5 --warmup 2 --rows 2 --grad-accum 4] [k=v ...]
+    python -m bench.gpu_train [--shape 3b|tiny --steps 5 --warmup 2 --rows 2 --grad-accum 4] [k=v ...]
 
 ``--shape 3b`` (the default on a GPU) needs a CUDA GPU; ``--shape tiny`` (the default without one) runs a tiny
 Qwen2/Mimi/adapter through the same code (fp32 on CPU). Last lines: ``RESULT mfu <fraction>`` (ZeRO-3, goal
@@ -49,13 +49,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.train_step import check_config, machine, peak_rss_mib, run_steps
 from config import split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # run as a script: bench/eval.py would shadow eval/
-    sys.path[0] = str(ROOT)
 
-from bench.train_step import check_config, machine, peak_rss_mib, run_steps  # noqa: E402
 
 MIB = 2**20
 WORDS_PER_S, TOKENS_PER_WORD = 2.5, 1.3      # synthetic speech rate and tokens per word

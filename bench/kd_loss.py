@@ -11,7 +11,7 @@ weights and inputs exist: on CUDA with ``torch.cuda.max_memory_allocated``; on C
 peak resident set (VmHWM, reset through /proc/self/clear_refs just before the loss), which sees every
 torch allocation. The hidden size only scales compute time (and the weight gradient), not the logits.
 
-    PYTHONPATH=. python bench/kd_loss.py [--positions 1024 --hidden 256 --chunk 64 --device cpu]
+    python -m bench.kd_loss [--positions 1024 --hidden 256 --chunk 64 --device cpu]
 
 The last line is ``RESULT kd_loss_peak_mem_ratio <chunked / naive>`` (frozen head; goal <= 0.1).
 """

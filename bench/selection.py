@@ -18,8 +18,7 @@ Measures
     waiting for a core, so CPU time is the per-core figure).
 Probes per second: probe texts synthesized and scored (M, F, D) with a tiny student, as selection does.
 
-    python bench/selection.py [--texts 1000] [--skip-1m] [--data-path-only] [--tts-sentences 20]
-    (or python -m bench.selection)
+    python -m bench.selection [--texts 1000] [--skip-1m] [--data-path-only] [--tts-sentences 20]
 
 The last lines are ``RESULT probes_per_s <x>``, ``RESULT embed_texts_per_s <x>``, ``RESULT kmeans_1m_seconds
 <s>``, ``RESULT tts_rt_per_core <x>`` (nan where --data-path-only skips them), then ``RESULT

@@ -15,7 +15,7 @@ shown: wall time x the processes doing the work, and the CPU time they used (thi
 waited-for children). On an idle machine the two agree; on a shared one (these 2-core hosts run
 several jobs at once) wall time includes waiting for a core, so the RESULT lines use CPU time.
 
-    python bench/shards.py [--minutes 60] [--seconds 4] [--workers 2]   (or python -m bench.shards)
+    python -m bench.shards [--minutes 60] [--seconds 4] [--workers 2]
 
 The last lines are ``RESULT stream_rt_per_core <x>`` (in-process stream), ``RESULT build_rt_per_core <x>``
 (build without start-up) and ``RESULT align_mms_rt_per_core <x>``. Goal: stream >= 1000x real time per core.

@@ -16,7 +16,7 @@ of ``--ks`` (log-probabilities stored as ``--dtype``), at the initial weights or
 (``--student``, a round's export). Beside it: the KL between the row and the document teacher's targets at
 the same positions, which is how much packing moves the live teacher.
 
-    PYTHONPATH=. python bench/teacher_cache.py [--config C --steps 4 --repeats 3 --top-k 64] [k=v ...]
+    python -m bench.teacher_cache [--config C --steps 4 --repeats 3 --top-k 64] [k=v ...]
 
 Default config: configs/toy.yaml when the toy assets exist, else configs/smoke.yaml. Last lines:
 ``RESULT teacher_cache_kl_rel_error_k<K> <value>`` per k, then ``RESULT teacher_cache_speedup <ratio>``
@@ -41,13 +41,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench.train_step import machine
 from config import split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # as a script: bench/eval.py shadows eval/
-    sys.path[0] = str(ROOT)
 
-from bench.train_step import machine  # noqa: E402
 
 BENCH_OVERRIDES = ["data.text_ratio=0", "loss.teacher_context=document", "loss.teacher_cache=required"]
 

@@ -7,7 +7,7 @@ the same data and seed) under ``ds_configs/zero3_cpu.json`` (the baseline) and `
 (what configs/toy.yaml uses), skipping the first ``--warmup`` steps, and prints speech seconds trained per
 wall second.
 
-    PYTHONPATH=. python bench/toy_zero_stage.py [--steps 40 --warmup 10]
+    python -m bench.toy_zero_stage [--steps 40 --warmup 10]
 
 Needs the toy assets (``python -m toy.build``). Last line: ``RESULT toy_zero2_over_zero3 <ratio>``.
 """

@@ -11,7 +11,7 @@ Each process runs ``--threads`` threads (default 1: 2 ranks x 1 thread against 1
 CPU time per step is reported too: on a machine shared with other work, ranks that wait for each
 other at every ZeRO-3 gather lose wall time that the single process does not.
 
-    PYTHONPATH=. python bench/train_step.py [--steps 4 --warmup 1 --ranks 2 key=value ...]
+    python -m bench.train_step [--steps 4 --warmup 1 --ranks 2 key=value ...]
 
 The smoke model with bigger steps (data.docs_per_batch=64, data.text_ratio=0: at 16 documents ZeRO-3's
 per-step overhead is as large as the step), then the given overrides. Last line:
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
     from rounds.experiment import ExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":   # run as a script: bench/eval.py would shadow eval/
-    sys.path[0] = str(ROOT)
 BENCH_OVERRIDES = ["data.docs_per_batch=64", "data.text_ratio=0"]
 
 

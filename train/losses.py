@@ -275,19 +275,19 @@ def ctc_alignment_loss(vectors: Tensor, blank_logits: Tensor, lengths: Tensor, t
                       zero_infinity=True)
 
 
-def combine(dist: Tensor | None, nll: Tensor | None, alpha: float) -> Tensor:
-    """alpha * dist + (1 - alpha) * nll. A term whose weight is 0 may be None (not computed at all: SALAD
+def combine(distill: Tensor | None, nll: Tensor | None, alpha: float) -> Tensor:
+    """alpha * distill + (1 - alpha) * nll. A term whose weight is 0 may be None (not computed at all: SALAD
     uses alpha = 1, so the NLL pass over the vocabulary can be skipped)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
-    if alpha == 1.0 and dist is not None:
-        return dist
+    if alpha == 1.0 and distill is not None:
+        return distill
     if alpha == 0.0 and nll is not None:
         return nll
-    if dist is None or nll is None:
-        raise ValueError(f"combine: alpha={alpha} needs both dist and nll, got "
-                         f"dist={'None' if dist is None else 'tensor'}, nll={'None' if nll is None else 'tensor'}")
-    return alpha * dist + (1.0 - alpha) * nll
+    if distill is None or nll is None:
+        given = {name: "None" if term is None else "tensor" for name, term in (("distill", distill), ("nll", nll))}
+        raise ValueError(f"combine: alpha={alpha} needs both distill and nll, got {given}")
+    return alpha * distill + (1.0 - alpha) * nll
 
 
 @torch.no_grad()

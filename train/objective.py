@@ -105,19 +105,19 @@ class Objective(nn.Module):
         if cached is None:
             teacher = self.teacher_hidden(batch, layout)
             teacher_at = teacher[layout.map_row, layout.map_teacher]
-        dist = nll = None
+        distill = nll = None
         if cfg.alpha > 0 and cached is not None:
-            dist = topk_distillation_loss(student_at, self.model.student_head, *cached, cfg.temperature,
+            distill = topk_distillation_loss(student_at, self.model.student_head, *cached, cfg.temperature,
                                           cfg.chunk_size, sync_ranks=self.distributed)
         elif cfg.alpha > 0:
-            dist = distillation_loss(student_at, teacher_at, self.model.student_head, self.teacher_head,
+            distill = distillation_loss(student_at, teacher_at, self.model.student_head, self.teacher_head,
                                      cfg.temperature, cfg.chunk_size, sync_ranks=self.distributed)
         if cfg.alpha < 1:
             nll = nll_loss(student_at, self.model.student_head, layout.map_target, cfg.chunk_size,
                            sync_ranks=self.distributed)
         # With nothing to predict the loss is 0, and it still runs through the (empty) head chunks: under ZeRO-3
         # backward recomputes them, gathering the head as the other ranks do. Never replace it by a constant.
-        loss = combine(dist, nll, cfg.alpha)
+        loss = combine(distill, nll, cfg.alpha)
         ctc = None
         if cfg.ctc_weight > 0:   # every rank, speech or not: the head calls are collectives under ZeRO-3
             ctc = ctc_alignment_loss(speech.vectors, speech.blank_logits, speech.lengths, batch.span_tokens,
@@ -125,7 +125,7 @@ class Objective(nn.Module):
                                      sync_ranks=self.distributed)
             loss = loss + cfg.ctc_weight * ctc
         zero = loss.detach() * 0
-        return {"loss": loss, "kl": dist.detach() if dist is not None else zero,
+        return {"loss": loss, "kl": distill.detach() if distill is not None else zero,
                 "nll": nll.detach() if nll is not None else zero, "ctc": ctc.detach() if ctc is not None else zero,
                 # torch.full: a fill on the device, where torch.tensor would copy from the host and wait
                 "tokens": torch.full((), float(layout.map_row.numel()), device=loss.device),

@@ -1,7 +1,7 @@
 """Multiple-choice scoring speed: batched scorer (prompt once, KV cache shared by the choices) against
 one full forward pass per choice, on the same items in the same run.
 
-    python bench/eval.py [--items 40] [--shots 5] [--hidden 256] [--layers 4]
+    python -m bench.mcq [--items 40] [--shots 5] [--hidden 256] [--layers 4]
 
 Ends with ``RESULT eval_batched_speedup <x>`` (items/s batched / items/s naive).
 """
@@ -10,29 +10,25 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from eval.benchmarks import MCQItem  # noqa: E402
-from eval.mcq import (  # noqa: E402
+from eval.benchmarks import MCQItem
+from eval.mcq import (
     choice_logprobs,
     choice_logprobs_naive,
     prompt_document,
     score_item,
     shots_for,
-    text_prefix_embeddings,  # noqa: E402
+    text_prefix_embeddings,
 )
-from model.speech_lm import LM  # noqa: E402
-from toy.smoke import sentences  # noqa: E402
-from toy.tiny import tiny_llm, train_tokenizer  # noqa: E402
+from model.speech_lm import LM
+from toy.smoke import sentences
+from toy.tiny import tiny_llm, train_tokenizer
 
 
 def make_items(n: int) -> list[MCQItem]:
