@@ -5,7 +5,7 @@ text. With a frozen or LoRA-trained LLM the teacher is the same weights (adapter
 grad), so no second copy exists; with a fully trained LLM it is a frozen copy (``teacher``).
 Methods return hidden states, never full logits: losses project the few positions they need.
 
-CTC over the LLM's own vocabulary (optional; ../shared/TOY_FINDINGS.md measured it necessary for the CPU toy):
+CTC over the LLM's own vocabulary (optional; docs/toy.md: measured necessary for the CPU toy):
 an adapter vector v scores token k by v . E[k] (E = the LLM's input embedding matrix, the space the adapter
 maps into) and one extra class, blank, by v . blank (a learned vector, row BLANK of ``boundary``). The
 alignment loss (``train.losses.ctc_alignment_loss``, weight ``loss.ctc_weight``) trains these scores;

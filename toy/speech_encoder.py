@@ -1,7 +1,7 @@
 """The toy world's speech encoder: a small phonetic model standing where Mimi stands in the paper.
 
 Why: a from-scratch adapter on raw log-mel learns "what kind of word comes next", not which word was spoken
-(../shared/TOY_FINDINGS.md). Real SALAD starts from a pretrained speech encoder whose features already
+(docs/toy.md). Real SALAD starts from a pretrained speech encoder whose features already
 separate phones; this one is trained the same way, on speech alone and never on the LLM: espeak-ng speaks
 the texts in several voices and speeds, and CTC teaches it the phonemes espeak-ng prints for them
 (``espeak-ng -q -x``). Frozen, it is the encoder kind ``toy`` of ``model.encoder``; its frames (25 Hz) are the
