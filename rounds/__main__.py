@@ -138,6 +138,9 @@ def parse_seeds(text: str) -> list[int]:
 
 def parse(argv: list[str]) -> tuple[str, str, list[str], list[int] | None]:
     """(command, config, overrides, seeds) from the command line."""
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        raise SystemExit(0)
     command = "ablation" if argv[:1] == ["ablation"] else "rounds"
     args = argv[1:] if command == "ablation" else argv
     config, seeds = DEFAULT_CONFIG, None

@@ -598,7 +598,7 @@ def cut_pieces(text: str, rng: np.random.Generator, words: tuple[int, int] = (3,
     the benchmarks, where a spoken context ends mid-sentence and the answer follows as text. Pieces that cross
     sentence boundaries matter too: a benchmark context is one utterance of several sentences, and a student
     trained on one sentence per utterance lost the words after each full stop (toy narrative word error 0.25
-    with sentences cut in two, 0.20 with pieces: README, "Natural speech").
+    with sentences cut in two, 0.20 with pieces: docs/toy.md, "Natural speech").
     """
     lo, hi = words
     if not 1 <= lo <= hi:
