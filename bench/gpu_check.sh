@@ -22,10 +22,10 @@
 #                  eval r1, report), each under SALAD_LAUNCH (default: python -m torch.distributed.run
 #                  --standalone --nproc_per_node 1 -m; NCCL), train.precision=bf16, in runs/gpu-check/smoke;
 #                  not through run.sh, whose set-up would pip-install requirements.txt from an index
-#   gpu_train      bench/gpu_train.py $GPU_TRAIN_ARGS (default --shape 3b --steps 3 --warmup 1: fewer steps than
+#   gpu_train      python -m bench.gpu_train $GPU_TRAIN_ARGS (default --shape 3b --steps 3 --warmup 1: fewer steps than
 #                  its default 5 + 2, to fit): RESULT mfu, mfu_vs_baseline, *_peak_mem_mib
 # While the smoke runs, 290 s of the budget stay reserved for the benches (220 gpu_train, 70 teacher_cache).
-#   teacher_cache  bench/teacher_cache.py $TEACHER_CACHE_ARGS (configs/smoke.yaml unless the toy assets exist): RESULT
+#   teacher_cache  python -m bench.teacher_cache $TEACHER_CACHE_ARGS (configs/smoke.yaml unless the toy assets exist): RESULT
 #                  teacher_cache_speedup
 # --only smoke,gpu_train,...  runs only those stages and what they need (install; espeak and embedder for smoke).
 # --cpu-dry-run: no GPU; gloo, fp32, train.max_steps=4 (stage II 2 steps): proves the offline install, the
@@ -450,10 +450,10 @@ if wanted gpu_train; then
   if [ "$DRY" = 0 ]; then
     RESERVE=$BENCH_CACHE_S
     read -r -a args <<< "${GPU_TRAIN_ARGS:---shape 3b --steps 3 --warmup 1}"
-    stage gpu_train 400 "$PY" bench/gpu_train.py "${args[@]}"
+    stage gpu_train 400 "$PY" -m bench.gpu_train "${args[@]}"
     RESERVE=0
   elif [ "$DRY_BENCHES" = 1 ]; then
-    stage gpu_train 400 "$PY" bench/gpu_train.py --shape tiny --steps 1 --warmup 1
+    stage gpu_train 400 "$PY" -m bench.gpu_train --shape tiny --steps 1 --warmup 1
   else
     skip gpu_train "GPU only (--dry-run-benches runs --shape tiny)"
   fi
@@ -462,9 +462,9 @@ fi
 if wanted teacher_cache; then
   if [ "$DRY" = 0 ]; then
     read -r -a args <<< "${TEACHER_CACHE_ARGS:-}"
-    stage teacher_cache 150 "$PY" bench/teacher_cache.py "${args[@]}"
+    stage teacher_cache 150 "$PY" -m bench.teacher_cache "${args[@]}"
   elif [ "$DRY_BENCHES" = 1 ]; then
-    stage teacher_cache 300 "$PY" bench/teacher_cache.py --steps 1 --repeats 1 --error-batches 1 --ks 4 --top-k 4
+    stage teacher_cache 300 "$PY" -m bench.teacher_cache --steps 1 --repeats 1 --error-batches 1 --ks 4 --top-k 4
   else
     skip teacher_cache "GPU only (--dry-run-benches runs one step)"
   fi

@@ -19,7 +19,7 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE", "OMP
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "bench/gpu_train.py", *args], cwd=REPO, env=ENV, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "bench.gpu_train", *args], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=600)
 
 

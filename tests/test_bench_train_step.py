@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow   # three Python processes with DeepSpeed: about 4
 def test_train_step_bench_prints_results():
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
            "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}   # the CPU benchmark
-    cmd = [sys.executable, "bench/train_step.py", "--steps", "1", "--warmup", "0", "data.docs_per_batch=2"]
+    cmd = [sys.executable, "-m", "bench.train_step", "--steps", "1", "--warmup", "0", "data.docs_per_batch=2"]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     lines = done.stdout.strip().splitlines()

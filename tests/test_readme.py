@@ -36,3 +36,13 @@ def test_nothing_points_to_notes_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     files = [f for f in tracked.split() if f.endswith((".py", ".md", ".sh", ".yaml")) and not f.startswith("tests/")]
     assert not [f for f in files if "../shared" in (REPO / f).read_text(errors="ignore")]
+
+
+def test_benches_run_as_modules_everywhere():
+    """Running a file under bench/ as a script puts bench/ first on sys.path, where bench/shards.py hides the
+    shards package."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    script_runs = re.compile(r'(?:python[\w.]*|\$PY"?|sys\.executable,)\s*"?(bench/\w+\.py)')
+    found = [(f, m.group(1)) for f in tracked.split() if f.endswith((".py", ".md", ".sh", ".yaml"))
+             for m in script_runs.finditer((REPO / f).read_text(errors="ignore"))]
+    assert not found, found
