@@ -139,7 +139,7 @@ def probe_clusters(cfg: ExperimentConfig, round_: int, pool: PoolIndex, labels: 
 def select(cfg: ExperimentConfig, round_: int) -> Path:
     from rich.console import Console
 
-    from selection.allocate import allocate, allocation_table, target_shares
+    from selection.allocate import allocate, allocation_table, spread, target_shares
     from shards.build import synthesize_documents
     from shards.format import atomic_write_bytes, atomic_write_json, read_index
     from train import distributed
@@ -184,8 +184,9 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
     texts = pool.texts(chosen)   # only these texts are read, by their positions in the pool
     if rank == 0:
         table = allocation_table(labels, chosen, score, shares, seconds_per_text)
+        allocation_spread = spread(table)
         atomic_write_json(out / "allocation.json", {"strategy": sel.strategy, "gamma": gamma, "budget_s": budget,
-                                                    "clusters": table})
+                                                    "spread": allocation_spread, "clusters": table})
         lines = "".join(json.dumps({"index": i, "cluster": int(labels[i]), "text": t}) + "\n"
                         for i, t in zip(chosen, texts, strict=True))
         atomic_write_bytes(out / "chosen.jsonl", lines.encode())
@@ -202,7 +203,7 @@ def select(cfg: ExperimentConfig, round_: int) -> Path:
                                                     "budget_s": budget})
                                 + "\n")
         console.print(f"round {round_}: {sel.strategy} selection of {len(chosen)} texts (~{budget:.0f} s) from {k} "
-                      f"clusters -> {shards}")
+                      f"clusters (spread like {allocation_spread['effective_clusters']:.1f} even ones) -> {shards}")
     distributed.barrier()
     return out
 

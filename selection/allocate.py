@@ -9,6 +9,8 @@ rejected, which is the same as renormalising over the clusters left.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 EPS = 1e-12  # scores are clipped here: a zero score gives a tiny share, never log(0)
@@ -100,3 +102,14 @@ def allocation_table(labels: np.ndarray, chosen: list[int], score: np.ndarray, s
     return [{"cluster": c, "pool_texts": int(pool[c]), "score": float(score[c]), "target_share": float(shares[c]),
              "texts": int(texts[c]), "seconds": round(float(secs[c]), 3),
              "share": float(secs[c] / total) if total > 0 else 0.0} for c in range(k)]
+
+
+def spread(table: list[dict]) -> dict[str, float]:
+    """How widely the chosen speech is spread over clusters: the entropy of its shares (nats), the same over
+    log(clusters) (1: even, 0: one cluster) and exp(entropy), the number of clusters an even spread would use.
+    With the paper's gamma a wide range of scores makes the allocation nearly an argmax; this shows it."""
+    shares = np.array([row["share"] for row in table], dtype=np.float64)
+    shares = shares[shares > 0]
+    entropy = float(-(shares * np.log(shares)).sum()) if shares.size else 0.0
+    return {"entropy": entropy, "evenness": entropy / math.log(len(table)) if len(table) > 1 else 1.0,
+            "effective_clusters": math.exp(entropy)}

@@ -12,7 +12,7 @@ import yaml
 
 from selection.probe import cluster_scores, probe_texts, split_text
 from tests.conftest import kill_tree  # noqa: E402
-from train.data import DataConfig, ShardSetRef, append_speech_set, round_speech_sets, shares
+from train.data import DataConfig, ShardSetRef, append_speech_set, plays, round_speech_sets, shares, speech_draws
 from train.engine import TrainConfig
 from train.schedule import wsd_factor
 
@@ -69,6 +69,15 @@ def test_selected_speech_gets_its_share_whatever_the_natural_sets_weigh(tmp_path
     realised = {name: drawn.count(name) / len(drawn) for name in ("libriheavy", "emilia", "selected")}
     assert realised["selected"] == pytest.approx(0.5, abs=0.03), realised
     assert realised["emilia"] / realised["libriheavy"] == pytest.approx(91 / 50, rel=0.1), realised
+    expected = plays(sets, len(drawn))   # what train logs as the plays per selected text
+    assert expected[str(tmp_path / "selected")] == pytest.approx(drawn.count("selected") / 40, rel=0.06)
+    assert expected[str(tmp_path / "emilia")] == pytest.approx(drawn.count("emilia") / 40, rel=0.1)
+
+
+def test_speech_draws_count_only_speech_micro_batches():
+    cfg = DataConfig(speech=[ShardSetRef("natural")], text=[ShardSetRef("text")], text_ratio=0.25, docs_per_batch=6)
+    assert speech_draws(cfg, steps=100, grad_accum=2, world=4) == 100 * 2 * 4 * 6 * 0.75
+    assert speech_draws(dataclasses.replace(cfg, text=[]), steps=100, grad_accum=1, world=1) == 600
 
 
 def test_stage_two_decays_over_its_whole_length_from_stage_one():

@@ -9,7 +9,7 @@ import pytest
 
 from config import ConfigError
 from selection import embed, vectors
-from selection.allocate import allocate, allocation_table, target_shares
+from selection.allocate import allocate, allocation_table, spread, target_shares
 from selection.cluster import balanced_kmeans, cluster_summary
 from selection.embed import EmbedConfig, SentenceEncoder, cache_dir_for, embed_block, embed_pool, embedding_key
 from selection.pool import PoolIndex, index_pool
@@ -279,6 +279,15 @@ def test_allocation_table():
     assert sum(row["seconds"] for row in table) == pytest.approx(seconds[chosen].sum(), abs=0.01)
     assert sum(row["share"] for row in table) == pytest.approx(1.0)
     assert [row["target_share"] for row in table] == pytest.approx(shares.tolist())
+
+
+def test_spread_of_an_allocation():
+    even = [{"share": 0.25}] * 4
+    assert spread(even) == pytest.approx({"entropy": math.log(4), "evenness": 1.0, "effective_clusters": 4.0})
+    one = [{"share": 1.0}] + [{"share": 0.0}] * 3
+    assert spread(one) == pytest.approx({"entropy": 0.0, "evenness": 0.0, "effective_clusters": 1.0})
+    skewed = spread([{"share": 0.7}, {"share": 0.1}, {"share": 0.1}, {"share": 0.1}])
+    assert 1.0 < skewed["effective_clusters"] < 4.0 and 0 < skewed["evenness"] < 1
 
 
 # ----------------------------------------------------------------------------- strategies (the ablation's variants)

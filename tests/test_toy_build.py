@@ -1,6 +1,7 @@
 """Fast checks of the toy asset builder's pieces (the reduced end-to-end build is tests/test_toy_pipeline.py)."""
 
 import json
+from collections import Counter
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from shards.build import cut_pieces, sentences
 from toy.build import PART_SIZES, PART_VERSIONS, SIZES, build_pool, part_stamp, read_stamps, stale_parts
-from toy.world import DOMAINS, World
+from toy.world import DOMAINS, STORY_DOMAINS, World
 
 
 def test_sentences_keep_their_full_stops():
@@ -30,12 +31,15 @@ def test_cut_pieces_keep_every_word_in_order_within_the_lengths():
         cut_pieces(text, np.random.default_rng(0), words=(5, 4))
 
 
-def test_pool_holds_every_domain_unordered(tmp_path):
+def test_pool_is_web_like_and_unordered(tmp_path):
     sizes = SIZES["reduced"]
     build_pool(World(0), tmp_path / "pool.jsonl", sizes, workers=1)
     rows = [json.loads(line) for line in (tmp_path / "pool.jsonl").read_text().splitlines()]
-    assert len(rows) == sizes.pool_per_domain * len(DOMAINS)
-    assert {r["domain"] for r in rows} == set(DOMAINS)
+    assert len(rows) == sizes.pool_texts
+    share = Counter(r["domain"] for r in rows)
+    assert set(share) == set(DOMAINS)
+    assert sum(share[d] for d in STORY_DOMAINS) / len(rows) == pytest.approx(0.6, abs=0.01)   # mostly covered text
+    assert {share[d] for d in DOMAINS if d not in STORY_DOMAINS} == {22}                      # 40% shared equally
     assert [r["domain"] for r in rows[: len(rows) // 2]] != sorted(r["domain"] for r in rows[: len(rows) // 2])
 
 
@@ -45,7 +49,7 @@ def test_only_parts_built_with_other_settings_or_code_are_stale(tmp_path):
         (tmp_path / name).mkdir()
     stamps = {name: part_stamp(name, 0, sizes) for name in PART_SIZES}
     assert stale_parts(tmp_path, stamps, 0, sizes) == []
-    assert stale_parts(tmp_path, stamps, 0, replace(sizes, stories=sizes.stories + 1)) == ["speech"]
+    assert stale_parts(tmp_path, stamps, 0, replace(sizes, natural_docs=sizes.natural_docs + 1)) == ["speech"]
     assert set(stale_parts(tmp_path, stamps, 0, replace(sizes, bench_items=7))) == {"bench", "llm"}
     assert stale_parts(tmp_path, stamps, 1, sizes) == list(PART_SIZES)
     assert stale_parts(tmp_path, {**stamps, "text": {**stamps["text"], "version": 0}}, 0, sizes) == ["text"]

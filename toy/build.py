@@ -9,16 +9,19 @@ the stamp of every part), and written under a temporary name first (a killed bui
                   (toy.teacher), with ``accuracy.json``: its text accuracy on every benchmark;
 - ``encoder/``    the frozen toy speech encoder: CTC on espeak-ng phonemes of narrative sentences and random
                   strings over the whole vocabulary (toy.speech_encoder), never the LLM;
-- ``speech/``     the natural speech: narrative stories only, cut into pieces of about a sentence (cut_pieces),
+- ``speech/``     the natural speech, audiobook-like (toy.coverage.NATURAL_SHARES): mostly stories, knowledge
+                  domains graded from rare to very rare, cut into pieces of about a sentence (cut_pieces),
                   several voices/speeds;
 - ``text/``       text-only shards of every domain (the anti-forgetting mix);
 - ``heldout/``    spoken documents of every domain in voices no training data uses (the diagnostics M and F);
-- ``pool.jsonl``  the selection pool: texts of every domain, unlabelled for selection (a ``domain`` field is
-                  kept for the analysis only; selection reads ``text``);
+- ``pool.jsonl``  the selection pool, web-like (toy.coverage.POOL_SHARES: 60% story domains): texts of every
+                  domain, unlabelled for selection (a ``domain`` field is kept for the analysis only; selection
+                  reads ``text``);
 - ``bench/``      one multiple-choice benchmark per domain (eval schema), held out from every text above.
 
-Why narrative alone is natural speech: like audiobooks in the paper, it covers a small part of what the LLM
-knows, so the student's gap is largest on the other domains and selection has something to find.
+Why natural speech is mostly stories: like audiobooks in the paper, it speaks most words but rarely the
+knowledge registers, so the student's gap is largest on the knowledge domains and selection has something to
+find (toy.coverage says what each part mirrors).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from toy.coverage import natural_documents, pool_texts
 from toy.world import DOMAINS, World, vocabulary
 
 # torch, webdataset and espeak helpers are imported by the builders that need them: ./run.sh runs this module
@@ -53,17 +57,17 @@ class Sizes:
     encoder_steps: int = 500       # held-out-voice phoneme error 0.26 (1000 steps: 0.226, at twice the time)
     encoder_sentences: int = 1100
     encoder_random_strings: int = 2900
-    stories: int = 1600            # natural speech: narrative stories (about 7 sentences, 15 s; 6.6 h in all)
+    natural_docs: int = 1600       # natural speech documents (a story or a paragraph of statements, about 15 s)
     text_per_domain: int = 200     # text shards
     heldout_per_domain: int = 8    # spoken held-out texts per domain, 4 per document
-    pool_per_domain: int = 400
+    pool_texts: int = 4400
     bench_items: int = 200         # per domain (all a knowledge domain has when fewer)
 
 
 SIZES = {"full": Sizes(),
          "reduced": Sizes(teacher_steps=800, teacher_layers=2, teacher_hidden=96, encoder_steps=300,
-                          encoder_sentences=300, encoder_random_strings=500, stories=60,
-                          text_per_domain=24, heldout_per_domain=4, pool_per_domain=40, bench_items=40)}
+                          encoder_sentences=300, encoder_random_strings=500, natural_docs=60,
+                          text_per_domain=24, heldout_per_domain=4, pool_texts=440, bench_items=40)}
 
 
 def _docs(texts: list[str], prefix: str, per_doc: int) -> list[tuple[str, str]]:
@@ -115,8 +119,8 @@ def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     from toy.speech_encoder import TRAIN_SPEEDS, TRAIN_VOICES
 
     rng = _domain_rng(world.seed, "speech", NATURAL)
-    stories = world.texts(NATURAL, sizes.stories, rng)
-    docs = [(f"story-{i:05d}", s) for i, story in enumerate(stories) for s in cut_pieces(story, rng)]
+    texts = natural_documents(world, sizes.natural_docs, lambda d: _domain_rng(world.seed, "speech", d))
+    docs = [(doc, s) for doc, text in texts for s in cut_pieces(text, rng)]
     build_texts(docs, out, TTSConfig(voices=TRAIN_VOICES, speeds=TRAIN_SPEEDS), SAMPLE_RATE, workers,
                 source="toy-narrative")
 
@@ -146,8 +150,8 @@ def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 def build_pool(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     from shards.format import atomic_write_bytes
 
-    lines = [json.dumps({"text": t, "domain": d}) + "\n" for d in DOMAINS
-             for t in world.texts(d, sizes.pool_per_domain, _domain_rng(world.seed, "pool", d))]
+    texts = pool_texts(world, sizes.pool_texts, lambda d: _domain_rng(world.seed, "pool", d))
+    lines = [json.dumps({"text": t, "domain": d}) + "\n" for d, t in texts]
     order = np.random.default_rng(world.seed).permutation(len(lines))   # unlabelled: no domain order either
     atomic_write_bytes(out, "".join(lines[i] for i in order).encode())
 
@@ -208,11 +212,11 @@ DATA_PARTS = {"bench": build_bench, "pool.jsonl": build_pool, "text": build_text
 MODEL_PARTS = {"encoder": build_encoder, "llm": build_teacher}
 # What each part is made from: the sizes it reads, and a version raised whenever its builder changes what it makes
 # (so that assets built by older code are rebuilt, and only those).
-PART_SIZES = {"bench": ("bench_items",), "pool.jsonl": ("pool_per_domain",), "text": ("text_per_domain",),
-              "speech": ("stories",), "heldout": ("heldout_per_domain",),
+PART_SIZES = {"bench": ("bench_items",), "pool.jsonl": ("pool_texts",), "text": ("text_per_domain",),
+              "speech": ("natural_docs",), "heldout": ("heldout_per_domain",),
               "encoder": ("encoder_steps", "encoder_sentences", "encoder_random_strings"),
               "llm": ("teacher_steps", "teacher_layers", "teacher_hidden", "bench_items")}
-PART_VERSIONS = {"bench": 1, "pool.jsonl": 1, "text": 1, "speech": 2, "heldout": 2, "encoder": 1, "llm": 2}
+PART_VERSIONS = {"bench": 1, "pool.jsonl": 2, "text": 1, "speech": 3, "heldout": 2, "encoder": 1, "llm": 2}
 STAMPS = "assets.json"
 
 

@@ -108,7 +108,7 @@ def progress(enabled: bool):
 def train(cfg: ExperimentConfig, round_: int) -> Path:
     from model.build import load_tokenizer
     from shards.format import atomic_write_json
-    from train.data import BatchSource, check_sample_rate, heldout_batch, round_speech_sets, shares
+    from train.data import BatchSource, check_sample_rate, heldout_batch, plays, round_speech_sets, shares, speech_draws
     from train.engine import build_engine, build_model
     from train.export import check_export, export
     from train.objective import Objective, diagnostic_means
@@ -128,14 +128,18 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.train, world)
     data = dataclasses.replace(cfg.data, speech=round_speech_sets(cfg.run.path(), cfg.data, round_))
-    if rank == 0:   # what this round's speech documents are drawn from
+    schedule = cfg.train.for_round(round_)
+    if rank == 0:   # what this round's speech documents are drawn from, and how often each is heard
         mix = shares(data.speech)
-        atomic_write_json(out / "data_mix.json", {"speech_shares": mix, "text_ratio": data.text_ratio})
-        print(f"round {round_}: speech documents from " + ", ".join(f"{p} {v:.1%}" for p, v in mix.items())
-              + f"; text-only micro-batches {data.text_ratio:.0%}", file=sys.stderr)
+        draws = speech_draws(data, schedule.max_steps, schedule.grad_accum, world)
+        heard = plays(data.speech, draws)
+        atomic_write_json(out / "data_mix.json", {"speech_shares": mix, "text_ratio": data.text_ratio,
+                                                   "speech_draws": draws, "plays": heard})
+        print(f"round {round_}: speech documents from " + ", ".join(
+            f"{p} {v:.1%}" + ("" if heard[p] is None else f" (each heard {heard[p]:.2g}x)") for p, v in mix.items())
+            + f"; text-only micro-batches {data.text_ratio:.0%}", file=sys.stderr)
     check_sample_rate(data.speech, model.encoder.sample_rate)
     tokenizer = load_tokenizer(cfg.model)
-    schedule = cfg.train.for_round(round_)
     engine = build_engine(Objective(model, cfg.loss, distributed=world > 1), schedule, world)
     describe_partitions(engine, out / "engine.json", world)
     ckpt_dir = run.checkpoints(round_)

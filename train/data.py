@@ -160,6 +160,26 @@ def shares(refs: list[ShardSetRef]) -> dict[str, float]:
     return {r.path: r.weight / total for r in refs}
 
 
+def chunk_count(path: str) -> int | None:
+    """Chunks (training samples) in a shard set, from its index; None where a shard's entry has no count."""
+    entries = read_index(path)["shards"]
+    return sum(int(e["chunks"]) for e in entries) if all("chunks" in e for e in entries) else None
+
+
+def speech_draws(cfg: DataConfig, steps: int, grad_accum: int, world: int) -> float:
+    """Speech chunks a run of ``steps`` optimizer steps draws in all, in expectation (text micro-batches draw
+    none)."""
+    return steps * grad_accum * world * cfg.docs_per_batch * (1 - (cfg.text_ratio if cfg.text else 0.0))
+
+
+def plays(refs: list[ShardSetRef], draws: float) -> dict[str, float | None]:
+    """How often each set's chunks are heard in ``draws`` speech chunks, on average: the set's share of the draws
+    over its chunk count (None without a count). For a selected set: the plays per selected text."""
+    mix = shares(refs)
+    return {r.path: (None if (n := chunk_count(r.path)) is None else draws * mix[r.path] / max(n, 1))
+            for r in refs}
+
+
 def append_speech_set(run_dir: Path, ref: ShardSetRef, round_: int, cfg: DataConfig) -> None:
     """Add a selected shard set to ``data.yaml`` (atomic; appending twice is a no-op), its weight relative to the
     other selected sets (e.g. its documents), and write down the share of speech documents every set gets from
