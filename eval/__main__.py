@@ -7,16 +7,18 @@ Reads ``runs/<name>/round-R/export`` (plain torch, no DeepSpeed) and the origina
 (``model.llm.path``, the teacher), both in ``model.llm.dtype`` (auto: bf16 on GPUs, fp32 on CPUs; one dtype for
 both, so that the gap does not measure precision); writes ``runs/<name>/round-R/eval.json``::
 
-    {"tasks": {task: {teacher_text, student_text, student_speech, gap, text_gap, n, ci95}},
+    {"tasks": {task: {teacher_text, student_text, student_speech, gap, text_gap, n, ci95, M}},
      "cascade": {task: accuracy}, "cascade_wer": {task: word error rate},      (students with a CTC head)
-     "M": float, "F": float}                                                    (with eval.heldout)
+     "M": float, "F": float,                                                    (with eval.heldout)
+     "coverage": {task: share of the natural speech}}                           (with eval.coverage)
 
 Cascade reference (the paper's ASR + LLM cascade, ``eval.cascade``): where the student has a CTC head
 (``loss.ctc_weight > 0`` or the export's ``adapter.compress: ctc``), every spoken context, the examples' too,
 is greedy-decoded along the student's CTC path (``SpeechLM.transcribe``) to LLM tokens, turned into text, and
 the teacher scores the same k-shot prompt as in teacher_text built from those words. "cascade_wer" is the word
 error rate of the decoded contexts against the benchmark's text (lower case, punctuation dropped). Without a
-CTC head neither key is written.
+CTC head neither key is written. A task's "M" is the misalignment where the benchmark decides: KL(student after
+the text prompt || student after the spoken prompt) over the right answer's tokens, averaged over its items.
 
 Deterministic: the same export gives the same bytes in a fresh process, for the same launcher (world size)
 and thread count (float sums follow the threads' split: 1 and 2 CPU threads differ by ~1e-6 in a
@@ -92,6 +94,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, rank: int, wo
             bar.advance(job)
     rows = [row for _, row in sorted(distributed.gather_lists(rows), key=lambda r: r[0])]
     metrics = task_metrics({m: [r[m] for r in rows] for m in MODES}, cfg.eval.bootstrap, cfg.seed)
+    metrics["M"] = sum(r["M"] for r in rows) / len(rows)
     return metrics, summarise(rows) if cascade else None
 
 
@@ -117,6 +120,20 @@ def diagnostics(cfg: ExperimentConfig, student, tokenizer, rank: int, world: int
     return {"M": means["M"], "F": means["F"]}
 
 
+def read_coverage(path: str, tasks: list[str]) -> dict[str, float]:
+    """The natural speech's share of each evaluated task's domain, from ``eval.coverage`` (tasks it lists)."""
+    import json
+
+    try:
+        shares = json.loads(Path(path).read_text())["shares"]
+        found = {t: float(shares[t]) for t in tasks if t in shares}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"eval.coverage {path}: expected JSON {{\"shares\": {{task: share}}}} ({exc!r})") from None
+    if not all(0.0 <= v <= 1.0 for v in found.values()):
+        raise ValueError(f"eval.coverage {path}: shares must be in [0, 1], got {found}")
+    return found
+
+
 def deterministic() -> None:
     """Deterministic kernels wherever torch has them; one without warns instead of stopping a long evaluation.
     cuBLAS reads its workspace setting when CUDA starts: set before any model reaches the GPU."""
@@ -135,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from eval.cascade import has_ctc_head
 
+    coverage = read_coverage(cfg.eval.coverage, [t.name for t in cfg.eval.tasks]) if cfg.eval.coverage else None
     deterministic()
     rank, world = distributed.join(cfg.run.comm_timeout_minutes)
     torch.manual_seed(cfg.seed)
@@ -149,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             result["cascade"][task.name] = reference["accuracy"]
             result["cascade_wer"][task.name] = reference["wer"]
     result.update(diagnostics(cfg, student, tokenizer, rank, world))
+    if coverage is not None:
+        result["coverage"] = coverage
     if rank == 0:
         atomic_write_json(out, result)
         print(f"wrote {out}", file=sys.stderr)

@@ -31,6 +31,11 @@ class EvalConfig:
     norm: Literal["tokens", "chars"] = "tokens"
     bootstrap: int = 1000
     workers: int = 1          # TTS processes when building spoken benchmarks
+    # JSON {"shares": {task: share of the natural speech that speaks the task's domain}} (the toy's speech/
+    # coverage.json): copied into eval.json and shown beside each task's gap and M in the report
+    coverage: str = ""
+    # tasks the natural speech covers well; the ablation compares its variants on the average of the others
+    natural_tasks: list[str] = field(default_factory=lambda: ["narrative"])
 
     def __post_init__(self) -> None:
         require(self.heldout_docs >= 1, "heldout_docs", "must be >= 1")

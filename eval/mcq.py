@@ -93,15 +93,25 @@ def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> t
 
 
 @torch.no_grad()
+def continuation_logprobs(lm: LM, prefix: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """The LM's log-distributions [len(ids), V] over each token of ``ids`` read after ``prefix`` [1, P, H]."""
+    tokens = torch.tensor([ids], device=prefix.device)
+    hidden = lm.decoder(inputs_embeds=torch.cat([prefix, lm.embed(tokens)], 1)).last_hidden_state
+    return F.log_softmax(lm.head(hidden[0, prefix.shape[1] - 1: -1]).float(), -1)
+
+
+@torch.no_grad()
 def choice_logprobs_naive(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> torch.Tensor:
     """Reference: one full forward over prefix + choice per choice (what the batched scorer replaces)."""
-    scores = []
-    for c in choices:
-        ids = torch.tensor([c], device=prefix.device)
-        hidden = lm.decoder(inputs_embeds=torch.cat([prefix, lm.embed(ids)], 1)).last_hidden_state
-        logp = F.log_softmax(lm.head(hidden[0, prefix.shape[1] - 1: -1]).float(), -1)
-        scores.append(logp.gather(1, ids[0][:, None]).sum())
-    return torch.stack(scores)
+    return torch.stack([continuation_logprobs(lm, prefix, c).gather(1, torch.tensor(c, device=prefix.device)[:, None])
+                        .sum() for c in choices])
+
+
+def answer_misalignment(lm: LM, text_prefix: torch.Tensor, speech_prefix: torch.Tensor, ids: list[int]) -> float:
+    """M on one item: KL(student after the text context || student after the spoken context), averaged over the
+    right answer's tokens. Per task it says how far speech is from text where the benchmark decides."""
+    p, q = continuation_logprobs(lm, text_prefix, ids), continuation_logprobs(lm, speech_prefix, ids)
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def normalise(logprobs: torch.Tensor, choices: list[list[int]], texts: list[str], norm: str) -> torch.Tensor:
@@ -135,14 +145,16 @@ def encode_contexts(student: SpeechLM, audio: dict[str, np.ndarray], ids: list[s
 def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots: list[MCQItem], tokenizer,
                     audio: dict[str, np.ndarray], norm: str, transcripts: dict[str, str] | None = None,
                     encoded: dict[str, AdapterOutput] | None = None) -> dict[str, int]:
-    """1 where a mode of ``lms`` (mode -> the LM that reads its prompt) picks the item's answer, else 0.
+    """1 where a mode of ``lms`` (mode -> the LM that reads its prompt) picks the item's answer, else 0; with both
+    student modes, "M": the item's misalignment (``answer_misalignment``).
 
     student_speech hears every context of the prompt (their ``encoded`` adapter outputs where given, see
     ``encode_contexts``); CASCADE reads them as ``transcripts`` (id -> decoded text); the other modes read them
     as text. A cascade prompt can hold no token at all (nothing decoded, no BOS, no shots): it then starts from
     EOS, as lm-evaluation-harness does for an empty context."""
     bos = tokenizer.bos_token_id
-    out = {}
+    out: dict = {}
+    prefixes = {}
     for mode, lm in lms.items():
         if mode == "student_speech":
             speech = AdapterOutput.stack([encoded[it.id] for it in (*shots, item)]) if encoded else None
@@ -152,4 +164,9 @@ def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots:
             start = bos if bos is not None or any(span.ids for span in doc.spans) else tokenizer.eos_token_id
             prefix = text_prefix_embeddings(lm, doc, start)
         out[mode] = int(score_item(lm, prefix, item, tokenizer, norm) == item.answer)
+        prefixes[mode] = prefix
+    if {"student_text", "student_speech"} <= prefixes.keys():
+        answer = tokenizer.encode(item.choices[item.answer], add_special_tokens=False) or [tokenizer.eos_token_id]
+        out["M"] = answer_misalignment(lms["student_speech"], prefixes["student_text"], prefixes["student_speech"],
+                                       answer)
     return out

@@ -2,8 +2,10 @@
 
     python -m eval.report --config CONFIG [key=value ...]
 
-Reads every ``runs/<name>/round-R/eval.json`` (written by ``python -m eval``) and writes, in
-``runs/<name>/``: ``report.json``, ``report.md``, ``gap_per_task.png`` and ``diagnostics.png``.
+Reads every ``runs/<name>/round-R/eval.json`` (written by ``python -m eval``) and, where selection ran, its
+``round-R/selection/allocation.json``, and writes, in ``runs/<name>/``: ``report.json``, ``report.md``,
+``gap_per_task.png``, ``diagnostics.png``, and where eval.json has each task's M ``m_vs_speech.png`` (with the R^2 of
+a line fitted through every task and round, the paper's test of M), where selection ran ``selection_share.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -97,8 +100,35 @@ def build_report(run_dir: Path) -> dict:
     for round_, path in found:
         data = read_eval(path)
         entry = {"round": round_, "tasks": data["tasks"], "M": data.get("M"), "F": data.get("F")}
+        allocation = run.selection(round_) / "allocation.json"
+        if allocation.is_file():
+            entry["selection"] = json.loads(allocation.read_text())
         rounds.append(entry | {k: v for k, v in data.items() if k not in entry} | {"average": average(data["tasks"])})
-    return {"rounds": rounds}
+    report = {"rounds": rounds}
+    fit = m_fit(report)
+    return report | ({"M_fit": fit} if fit else {})
+
+
+def m_points(report: dict) -> list[tuple[int, str, float, float]]:
+    """(round, task, M, student speech accuracy) of every task and round whose eval.json has the task's M."""
+    return [(r["round"], name, float(t["M"]), float(t["student_speech"])) for r in report["rounds"]
+            for name, t in r["tasks"].items() if isinstance(t.get("M"), int | float)]
+
+
+def m_fit(report: dict) -> dict | None:
+    """Least-squares line of speech accuracy on M over every task and round, and its R^2 (None: < 3 points)."""
+    points = m_points(report)
+    if len(points) < 3:
+        return None
+    x = np.array([p[2] for p in points])
+    y = np.array([p[3] for p in points])
+    if np.ptp(x) == 0:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = ((y - (slope * x + intercept)) ** 2).sum()
+    total = ((y - y.mean()) ** 2).sum()
+    return {"r2": float(1 - residual / total) if total > 0 else 1.0, "slope": float(slope),
+            "intercept": float(intercept), "points": len(points)}
 
 
 def _pct(x: float) -> str:
@@ -127,6 +157,19 @@ def task_rows(report: dict) -> list[list[str]]:
     return rows
 
 
+def coverage_rows(report: dict) -> list[list[str]]:
+    """Per task: the natural speech's share of its domain (where eval.json has it), and the gap and M of the
+    first round and the last."""
+    first, last = report["rounds"][0], report["rounds"][-1]
+    coverage = first.get("coverage") or {}
+    rows = []
+    for name, t in first["tasks"].items():
+        end = last["tasks"].get(name, {})
+        rows.append([name, "—" if name not in coverage else _pct(coverage[name]), _pct(t["gap"]), _diag(t.get("M")),
+                     _pct(end["gap"]) if end else "—", _diag(end.get("M"))])
+    return rows
+
+
 def diag_rows(report: dict) -> list[list[str]]:
     return [[str(r["round"]), _diag(r["M"]), _diag(r["F"]), _pct(r["average"]["student_speech"]),
              _pct(r["average"]["gap"])] for r in report["rounds"]]
@@ -138,6 +181,8 @@ def _md_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
 
 
 def markdown(report: dict, name: str) -> str:
+    first, last = report["rounds"][0]["round"], report["rounds"][-1]["round"]
+    fit = report.get("M_fit")
     return "\n".join([
         f"# Evaluation report: {name}",
         "",
@@ -153,11 +198,31 @@ def markdown(report: dict, name: str) -> str:
         "",
         _md_table(DIAG_HEADER, diag_rows(report)),
         "",
+        "## Per task: natural-speech coverage, gap and M",
+        "",
+        "coverage: the share of the natural speech that speaks the task's domain (eval.coverage). M per task: "
+        "KL(student after the text prompt || after the spoken prompt) over the right answer's tokens.",
+        "",
+        _md_table(coverage_header(first, last), coverage_rows(report)),
+        "",
+        *([f"M predicts speech accuracy: R^2 = {fit['r2']:.3f} over {fit['points']} task-rounds "
+           f"(slope {100 * fit['slope']:.1f} points per nat).", ""] if fit else []),
         "![gap per task](gap_per_task.png)",
         "",
         "![M and F](diagnostics.png)",
         "",
+        *(["![M vs speech accuracy](m_vs_speech.png)", ""] if fit else []),
+        *(["![selection share per cluster](selection_share.png)", ""] if selections(report) else []),
     ])
+
+
+def coverage_header(first: int, last: int) -> tuple[str, ...]:
+    return ("task", "coverage (%)", f"gap round {first}", f"M round {first}", f"gap round {last}", f"M round {last}")
+
+
+def selections(report: dict) -> list[dict]:
+    """The rounds that ran selection: round, allocation (clusters, spread)."""
+    return [r for r in report["rounds"] if "selection" in r]
 
 
 def _png(fig: Figure) -> bytes:
@@ -206,28 +271,82 @@ def plot_diagnostics(report: dict) -> bytes:
     return _png(fig)
 
 
+def plot_m_vs_speech(report: dict) -> bytes:
+    """Speech accuracy against M, one point per task and round (colour: round), and the fitted line."""
+    fit = report["M_fit"]
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    points = m_points(report)
+    for round_ in sorted({p[0] for p in points}):
+        mine = [p for p in points if p[0] == round_]
+        ax.scatter([p[2] for p in mine], [100 * p[3] for p in mine], s=18, label=f"round {round_}")
+    xs = np.linspace(min(p[2] for p in points), max(p[2] for p in points), 2)
+    ax.plot(xs, 100 * (fit["slope"] * xs + fit["intercept"]), "k--", linewidth=1, label=f"fit, R² {fit['r2']:.2f}")
+    ax.set_xlabel("M on the task's items (nats per answer token)")
+    ax.set_ylabel("student speech accuracy (%)")
+    ax.set_title("Misalignment M predicts speech accuracy")
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
+def plot_selection(report: dict) -> bytes:
+    """Per selection round: the share of the selected speech each cluster got, beside its share of the pool,
+    clusters ordered by their score (M for active selection)."""
+    rounds = selections(report)
+    fig = Figure(figsize=(7, 2.6 * len(rounds)))
+    for i, r in enumerate(rounds):
+        sel = r["selection"]
+        table = sorted(sel["clusters"], key=lambda row: row["score"])
+        pool = sum(row["pool_texts"] for row in table) or 1
+        ax = fig.add_subplot(len(rounds), 1, i + 1)
+        x = np.arange(len(table))
+        ax.bar(x - 0.2, [100 * row["pool_texts"] / pool for row in table], 0.4, label="pool", color="lightgrey")
+        ax.bar(x + 0.2, [100 * row["share"] for row in table], 0.4, label="selected speech")
+        ax.set_xticks(x, [f"{row['score']:.2g}" for row in table], fontsize="x-small", rotation=90)
+        spread = sel.get("spread", {}).get("effective_clusters")
+        ax.set_title(f"round {r['round']}: {sel['strategy']}, gamma {sel['gamma']:g}"
+                     + ("" if spread is None else f", spread like {spread:.1f} even clusters"), fontsize="small")
+        ax.set_ylabel("share (%)")
+        ax.legend(fontsize="x-small")
+    fig.axes[-1].set_xlabel("clusters, by score")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def render(report: dict, run_dir: Path) -> list[Path]:
-    """Write report.json, report.md and the two plots into ``run_dir``; returns their paths."""
+    """Write report.json, report.md and the plots into ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
-    paths = [run_dir / n for n in ("report.json", "report.md", "gap_per_task.png", "diagnostics.png")]
-    atomic_write_json(paths[0], report)
-    atomic_write_bytes(paths[1], markdown(report, run_dir.name).encode("utf-8"))
-    atomic_write_bytes(paths[2], plot_gaps(report))
-    atomic_write_bytes(paths[3], plot_diagnostics(report))
-    return paths
+    outputs = {"report.json": None, "report.md": markdown(report, run_dir.name).encode("utf-8"),
+               "gap_per_task.png": plot_gaps(report), "diagnostics.png": plot_diagnostics(report)}
+    if report.get("M_fit"):
+        outputs["m_vs_speech.png"] = plot_m_vs_speech(report)
+    if selections(report):
+        outputs["selection_share.png"] = plot_selection(report)
+    atomic_write_json(run_dir / "report.json", report)
+    for name, data in outputs.items():
+        if data is not None:
+            atomic_write_bytes(run_dir / name, data)
+    return [run_dir / name for name in outputs]
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
     """The report's two tables; into a log (not a terminal) 150 columns wide so that rows do not wrap."""
     console = console or Console(width=None if sys.stdout.isatty() else 150)
+    first, last = report["rounds"][0]["round"], report["rounds"][-1]["round"]
     for title, header, rows in [("Accuracy (%) and gap per task", TASK_HEADER, task_rows(report)),
-                                ("Diagnostics", DIAG_HEADER, diag_rows(report))]:
+                                ("Diagnostics", DIAG_HEADER, diag_rows(report)),
+                                ("Per task: natural-speech coverage, gap and M", coverage_header(first, last),
+                                 coverage_rows(report))]:
         table = Table(title=title)
         for col in header:
             table.add_column(col, justify="left" if col == "task" else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)
+    if report.get("M_fit"):
+        fit = report["M_fit"]
+        console.print(f"M predicts speech accuracy across tasks and rounds: R^2 = {fit['r2']:.3f} "
+                      f"({fit['points']} points)")
 
 
 def main(argv: list[str] | None = None) -> int:

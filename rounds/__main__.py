@@ -127,7 +127,8 @@ def run_ablation(config: str, overrides: list[str], seeds: list[int] | None) -> 
             run_rounds(config, variant, load_experiment(config, variant))
             runs.append(str(Path(cfg.run.dir) / name))
     out = Path(cfg.run.dir) / f"{cfg.run.name}-ablation"
-    return subprocess.run([sys.executable, "-m", "eval.compare", *runs, "--out", str(out)], check=False).returncode
+    return subprocess.run([sys.executable, "-m", "eval.compare", *runs, "--out", str(out),
+                           "--natural-tasks", ",".join(cfg.eval.natural_tasks)], check=False).returncode
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -241,7 +241,8 @@ def test_run_sh_ablation_reuses_round_0_and_compares(tmp_path):
     launcher = tmp_path / "fake_launch.py"
     launcher.write_text(FAKE_LAUNCHER)
     runs = tmp_path / "runs"
-    done = ablation("configs/smoke.yaml", "--seeds", "7", f"run.dir={runs}", launcher=launcher, timeout=600)
+    done = ablation("configs/smoke.yaml", "--seeds", "7", f"run.dir={runs}", "eval.natural_tasks=[narrative, story]",
+                    launcher=launcher, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (runs / "jobs.log").read_text().splitlines()
     variants = {"smoke-s7": "active", "smoke-s7-uniform": "uniform", "smoke-s7-natural": "natural"}
@@ -263,6 +264,7 @@ def test_run_sh_ablation_reuses_round_0_and_compares(tmp_path):
     assert not [p for p in runs.rglob(".*partial")]
     result = json.loads((runs / "smoke-ablation.json").read_text())
     assert result["runs"] == {v: {"7": str(runs / n)} for n, v in variants.items()}
+    assert result["natural_tasks"] == ["narrative", "story"]   # the config's, passed on to eval.compare
     diff = result["differences"]
     assert diff["active - uniform"]["student_speech"]["mean"] == pytest.approx(0.2)    # (.2 - .1) x round 2
     assert diff["active - natural"]["student_speech"]["mean"] == pytest.approx(0.3)

@@ -1,12 +1,13 @@
 """The salad_gap metric module (loaded by path through evaluate) and the cross-round report."""
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eval.report import ReportError, build_report, main, render
+from eval.report import ReportError, build_report, m_fit, main, render
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "eval" / "metrics" / "salad_gap"
 MEASURES = ("teacher_text", "student_text", "student_speech", "gap", "text_gap")
@@ -150,3 +151,46 @@ def test_cli(tmp_path, capsys):
     assert (tmp_path / "exp" / "report.md").is_file()
     assert main(["--config", str(config), "run.name=none"]) == 2
     assert str(tmp_path / "none") in capsys.readouterr().err
+
+
+def test_report_fits_m_to_speech_and_shows_coverage_and_selection(tmp_path):
+    """M per task predicts speech accuracy: an exact line gives R^2 1 with its slope; the coverage table and the
+    selection plot come from eval.json's "coverage" and the round's allocation.json."""
+    rounds = copy.deepcopy({0: ROUNDS[0], 1: ROUNDS[10]})
+    for data in rounds.values():
+        for t in data["tasks"].values():
+            t["M"] = (0.9 - t["student_speech"]) / 0.5      # speech = 0.9 - 0.5 M exactly
+        data["coverage"] = {"arc": 0.02, "piqa": 0.5}
+    rounds[1]["tasks"]["piqa"]["M"] += 0.1                 # one point off the line: R^2 below 1
+    write_rounds(tmp_path, rounds)
+    clusters = [{"cluster": c, "pool_texts": 10, "score": s, "target_share": 0.5, "texts": n, "seconds": n,
+                 "share": n / 4} for c, s, n in ((0, 2.0, 3), (1, 0.5, 1))]
+    (tmp_path / "round-1/selection").mkdir()
+    (tmp_path / "round-1/selection/allocation.json").write_text(json.dumps(
+        {"strategy": "active", "gamma": 5, "budget_s": 4, "spread": {"effective_clusters": 1.75},
+         "clusters": clusters}))
+    report = build_report(tmp_path)
+    fit = report["M_fit"]
+    assert fit["points"] == 4 and 0.8 < fit["r2"] < 1.0 and fit["slope"] == pytest.approx(-0.5, abs=0.1)
+    exact = m_fit({"rounds": [report["rounds"][0]]})   # round 0 alone: 2 points, too few for a fit
+    assert exact is None
+    names = [p.name for p in render(report, tmp_path)]
+    assert names[-2:] == ["m_vs_speech.png", "selection_share.png"]
+    for name in names[-2:]:
+        assert (tmp_path / name).read_bytes().startswith(PNG_MAGIC)
+    md = (tmp_path / "report.md").read_text()
+    assert "| arc | 2.0 | 30.0 | 0.8 | 6.0 | 0.32 |" in md and "| piqa | 50.0 | 10.0 | 0.6 |" in md
+    assert f"R^2 = {fit['r2']:.3f} over 4 task-rounds" in md
+    assert report["rounds"][1]["selection"]["clusters"] == clusters and "selection" not in report["rounds"][0]
+
+
+def test_eval_reads_the_coverage_of_its_tasks_and_names_a_bad_file(tmp_path):
+    from eval.__main__ import read_coverage
+
+    good = tmp_path / "coverage.json"
+    good.write_text(json.dumps({"shares": {"arc": 0.02, "piqa": 0.5, "other": 0.48}, "documents": {}}))
+    assert read_coverage(str(good), ["arc", "piqa", "new"]) == {"arc": 0.02, "piqa": 0.5}
+    for content in ('{"share": {}}', '{"shares": {"arc": "a lot"}}', '{"shares": {"arc": 2}}', "not json"):
+        good.write_text(content)
+        with pytest.raises(ValueError, match=f"eval.coverage {good}"):
+            read_coverage(str(good), ["arc"])

@@ -7,8 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from eval.benchmarks import MCQItem
 from eval.mcq import (
+    answer_misalignment,
     choice_logprobs,
     choice_logprobs_naive,
+    continuation_logprobs,
+    correct_by_mode,
     encode_contexts,
     normalise,
     prompt_document,
@@ -137,3 +140,22 @@ def test_contexts_encoded_once_give_the_same_speech_prompt(tiny_dir, tokenizer):
     assert stacked.vectors.shape[:2] == (3, model.vectors_for(16000))
     assert apart.shape == together.shape
     assert torch.allclose(apart, together, atol=1e-5)
+
+
+def test_item_misalignment_is_the_kl_over_the_answer_tokens(tiny_dir, tokenizer):
+    model = mel_student(tiny_dir)
+    pool = items(2)
+    audio = {it.id: np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.1 for it in pool}
+    lm, bos = LM.of(model.llm), tokenizer.bos_token_id
+    answer = tokenizer.encode(pool[0].choices[pool[0].answer], add_special_tokens=False)
+    with torch.no_grad():
+        text = text_prefix_embeddings(lm, prompt_document(pool[0], pool[1:], tokenizer, None), bos)
+        speech = model.prompt_embeddings(prompt_document(pool[0], pool[1:], tokenizer, audio), bos)
+    assert answer_misalignment(lm, text, text, answer) == pytest.approx(0.0, abs=1e-6)
+    p, q = (continuation_logprobs(lm, prefix, answer) for prefix in (text, speech))
+    assert p.shape == (len(answer), model.llm.config.vocab_size)
+    by_hand = sum(float((p[i].exp() * (p[i] - q[i])).sum()) for i in range(len(answer))) / len(answer)
+    assert answer_misalignment(lm, text, speech, answer) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0.01
+    row = correct_by_mode(model, {"student_text": lm, "student_speech": lm}, pool[0], pool[1:], tokenizer, audio,
+                          "tokens")
+    assert set(row) == {"student_text", "student_speech", "M"} and row["M"] == pytest.approx(by_hand, rel=1e-4)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toy.coverage import natural_documents, pool_texts
+from toy.coverage import natural_documents, pool_texts, write_coverage
 from toy.world import DOMAINS, World, vocabulary
 
 # torch, webdataset and espeak helpers are imported by the builders that need them: ./run.sh runs this module
@@ -122,7 +122,8 @@ def build_speech(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     texts = natural_documents(world, sizes.natural_docs, lambda d: _domain_rng(world.seed, "speech", d))
     docs = [(doc, s) for doc, text in texts for s in cut_pieces(text, rng)]
     build_texts(docs, out, TTSConfig(voices=TRAIN_VOICES, speeds=TRAIN_SPEEDS), SAMPLE_RATE, workers,
-                source="toy-narrative")
+                source="toy-natural")
+    write_coverage(out / "coverage.json", sizes.natural_docs)
 
 
 def build_text(world: World, out: Path, sizes: Sizes, workers: int) -> None:

@@ -17,6 +17,7 @@ shares are shares of speech time as well as of documents.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -49,3 +50,10 @@ def natural_documents(world: World, total: int, rng_for: Callable[[str], np.rand
 def pool_texts(world: World, total: int, rng_for: Callable[[str], np.random.Generator]) -> list[tuple[str, str]]:
     """``(domain, text)`` of the selection pool, ``POOL_SHARES`` of ``total`` texts, grouped by domain."""
     return [(d, t) for d, n in counts(POOL_SHARES, total).items() for t in world.texts(d, n, rng_for(d))]
+
+
+def write_coverage(path: Path, total: int) -> None:
+    """The table the natural speech was built from (eval.coverage reads ``shares``), with its document counts."""
+    from shards.format import atomic_write_json
+
+    atomic_write_json(path, {"shares": NATURAL_SHARES, "documents": counts(NATURAL_SHARES, total)})
