@@ -469,6 +469,8 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p.add_argument("--tts-voices", type=_csv(str), default=["en-us"], help="comma-separated espeak-ng voices")
     p.add_argument("--tts-speeds", type=_csv(int), default=[160], help="comma-separated words per minute")
     p.add_argument("--tts-pitches", type=_csv(int), default=[50], help="comma-separated pitches 0..99")
+    p.add_argument("--tts-noise-snr-db", type=_csv(float), default=[],
+                   help="comma-separated signal-to-noise ratios (dB) of white noise cycled over texts; default clean")
     p.add_argument("--tts-command", default="", help="command backend template, e.g. 'say -o {wav} {text}'")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="roll to a new shard at this size")
@@ -488,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     try:
         tts = TTSConfig(backend=a.tts, voices=a.tts_voices, speeds=a.tts_speeds, pitches=a.tts_pitches,
-                        command=shlex.split(a.tts_command)) if a.tts else None
+                        noise_snr_db=a.tts_noise_snr_db, command=shlex.split(a.tts_command)) if a.tts else None
     except ValueError as exc:
         p.error(f"--tts: {exc}")
     return BuildConfig(input=a.input, out=a.out, sr=a.sr, format=a.format, audio_root=a.audio_root, tts=tts,

@@ -3,7 +3,7 @@
 Why subprocesses with argument lists: espeak-ng (and any other command-line synthesizer) is a separate
 program. Running it without a shell means text with shell metacharacters is only ever spoken, and
 giving espeak-ng its text on stdin means text that starts with '-' can never be read as an option.
-Why several (voice, speed, pitch) combinations: one fixed voice makes synthetic speech too easy to
+Why several (voice, speed, pitch, noise) combinations: one fixed voice makes synthetic speech too easy to
 recognise; ``variant`` spreads texts over the combinations deterministically.
 """
 
@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +44,9 @@ class TTSConfig:
     voices: list[str] = field(default_factory=lambda: ["en-us"])
     speeds: list[int] = field(default_factory=lambda: [160])  # words per minute
     pitches: list[int] = field(default_factory=lambda: [50])
+    # light background noise: white noise at one of these signal-to-noise ratios (dB), cycled with the other
+    # settings and seeded by the text, so a rebuild gives the same samples; empty: clean speech
+    noise_snr_db: list[float] = field(default_factory=list)
     command: list[str] = field(default_factory=list)  # argument template with {text} and {wav}
     timeout_s: float = 60.0
 
@@ -58,6 +62,8 @@ class TTSConfig:
         require(bool(self.pitches) and all(lo <= p <= hi for p in self.pitches), "pitches",
                 f"needs at least one pitch, each in {lo}..{hi}, got {self.pitches}")
         require(self.timeout_s > 0, "timeout_s", f"must be positive, got {self.timeout_s}")
+        require(all(0 < snr < 100 for snr in self.noise_snr_db), "noise_snr_db",
+                f"signal-to-noise ratios must be in (0, 100) dB, got {self.noise_snr_db}")
         if self.backend == "command":
             for placeholder in ("{text}", "{wav}"):
                 require(any(placeholder in arg for arg in self.command[1:]), "command",
@@ -126,7 +132,7 @@ class TTS:
         self.cfg = cfg
         self.sample_rate = sr
         self.program = program
-        self.combos = list(itertools.product(cfg.voices, cfg.speeds, cfg.pitches))
+        self.combos = list(itertools.product(cfg.voices, cfg.speeds, cfg.pitches, cfg.noise_snr_db or [None]))
 
     def _argv(self, text: str, wav: str, variant: int) -> tuple[list[str], bytes | None]:
         """Arguments and stdin of one synthesis run."""
@@ -134,12 +140,12 @@ class TTS:
             values = {"{text}": text, "{wav}": wav}  # one pass, so braces inside the text stay as they are
             args = [_PLACEHOLDER.sub(lambda m: values[m.group()], arg) for arg in self.cfg.command[1:]]
             return [self.program, *args], None
-        voice, speed, pitch = self.combos[variant % len(self.combos)]
+        voice, speed, pitch, _ = self.combos[variant % len(self.combos)]
         argv = [self.program, "-v", voice, "-s", str(speed), "-p", str(pitch), "-b", "1", "-w", wav]
         return [*argv, "--stdin"], text.encode("utf-8")
 
     def synthesize(self, text: str, variant: int = 0) -> np.ndarray:
-        """Speak ``text`` with combination ``variant % len(combos)`` (the command backend ignores it)."""
+        """Speak ``text`` with combination ``variant % len(combos)`` (the command backend uses only its noise)."""
         where = _label(self.cfg.backend, text)
         if not text.strip():
             raise TTSError(f"{where}: text is empty")
@@ -149,7 +155,17 @@ class TTS:
             wav = os.path.join(tmp, "speech.wav")
             argv, stdin = self._argv(text, wav, variant)
             _run(argv, stdin, self.cfg.timeout_s, where)
-            return _read_wav(wav, self.sample_rate, where)
+            audio = _read_wav(wav, self.sample_rate, where)
+        snr = self.combos[variant % len(self.combos)][3]
+        return audio if snr is None else with_noise(audio, snr, np.random.default_rng([zlib.crc32(text.encode()),
+                                                                                        variant]))
+
+
+def with_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """``audio`` plus white noise ``snr_db`` below its mean power (silent audio stays silent)."""
+    power = float(np.mean(audio.astype(np.float64) ** 2))
+    noise = rng.standard_normal(audio.shape) * np.sqrt(power / 10 ** (snr_db / 10))
+    return (audio + noise).astype(np.float32)
 
 
 def make_tts(cfg: TTSConfig, sr: int) -> TTS:

@@ -53,6 +53,10 @@ def test_only_parts_built_with_other_settings_or_code_are_stale(tmp_path):
     assert set(stale_parts(tmp_path, stamps, 0, replace(sizes, bench_items=7))) == {"bench", "llm"}
     assert stale_parts(tmp_path, stamps, 1, sizes) == list(PART_SIZES)
     assert stale_parts(tmp_path, {**stamps, "text": {**stamps["text"], "version": 0}}, 0, sizes) == ["text"]
+    assert stale_parts(tmp_path, stamps, 0, replace(sizes, tokenizer="bpe")) == ["llm"]
+    older = {**stamps, "llm": {k: v for k, v in stamps["llm"].items() if k != "tokenizer"}}   # before the setting
+    assert stale_parts(tmp_path, older, 0, sizes) == [] and stale_parts(tmp_path, older, 0,
+                                                                        replace(sizes, tokenizer="bpe")) == ["llm"]
     (tmp_path / "heldout").rmdir()
     assert stale_parts(tmp_path, stamps, 0, sizes) == ["heldout"]
 

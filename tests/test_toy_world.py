@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from eval.benchmarks import MCQItem, read_items
-from toy.teacher import teacher_accuracy, train_teacher, word_tokenizer
+from toy.teacher import bpe_tokenizer, teacher_accuracy, train_teacher, word_tokenizer
 from toy.world import (
     ANIMALS,
     CATEGORIES,
@@ -271,6 +271,22 @@ def test_word_tokenizer_one_token_per_word_and_context_plus_choice_splits_cleanl
         ["anna", ".", "\n", "\n", "<unk>"]
 
 
+def test_bpe_tokenizer_shares_pieces_and_context_plus_choice_splits_cleanly(world, tmp_path):
+    bpe_tokenizer(world, pieces=300, out_dir=tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))   # as the jobs load it
+    assert 250 <= len(tok) <= 310 and tok.bos_token_id is not None and tok.pad_token_id is not None
+    for d in DOMAINS:
+        for it in world.benchmark(d, 20, rng(17)):
+            for choice in it.choices:
+                joined = tok.encode(it.context + choice, add_special_tokens=False)
+                apart = tok.encode(it.context, add_special_tokens=False) + tok.encode(choice, add_special_tokens=False)
+                assert joined == apart and tok.unk_token_id not in joined
+                assert tok.decode(joined) == it.context + choice
+    pieces = {w: tok.tokenize(" " + w) for w in vocabulary() if w.isalpha()}
+    assert sum(len(p) > 1 for p in pieces.values()) > len(pieces) / 3    # rare words are made of pieces
+    assert pieces["the"] == ["▁the"] and "\n" in tok.tokenize("park.\n\nbob")
+
+
 def test_teacher_learns_a_domain_and_is_saved(world, tmp_path):
     """150 steps of a small model on one easy domain: the loss falls and it beats chance clearly (~15 s)."""
     out = tmp_path / "teacher"
@@ -290,3 +306,9 @@ def test_teacher_learns_a_domain_and_is_saved(world, tmp_path):
     assert teacher_accuracy(again, loaded, items, shots=2) >= 0.6
     with pytest.raises(FileExistsError, match="already exists"):
         train_teacher(world, out, steps=1)
+    _, bpe, info = train_teacher(world, tmp_path / "bpe", steps=1, batch=2, seq_len=32, hidden=32, layers=1,
+                                 heads=2, progress=False, tokenizer="bpe")
+    assert info["tokenizer"] == "bpe" and info["vocab"] == len(bpe) == len(AutoTokenizer.from_pretrained(
+        str(tmp_path / "bpe")))
+    with pytest.raises(ValueError, match="'chars' is not one of word, bpe"):
+        train_teacher(world, tmp_path / "other", steps=1, tokenizer="chars")

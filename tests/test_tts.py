@@ -66,6 +66,18 @@ def test_variants_are_distinct_and_deterministic():
     assert np.array_equal(tts.synthesize(SENTENCE, 8 + 3), audios[3])
 
 
+def test_noise_at_the_asked_ratio_seeded_by_the_text():
+    clean = make_tts(TTSConfig(), SR).synthesize(SENTENCE)
+    noisy_tts = make_tts(TTSConfig(noise_snr_db=[10.0, 30.0]), SR)
+    ten, thirty = noisy_tts.synthesize(SENTENCE, 0), noisy_tts.synthesize(SENTENCE, 1)
+    for audio, snr in ((ten, 10.0), (thirty, 30.0)):
+        noise = audio.astype(np.float64) - clean
+        measured = 10 * np.log10(np.mean(clean.astype(np.float64) ** 2) / np.mean(noise ** 2))
+        assert measured == pytest.approx(snr, abs=0.2)
+    assert np.array_equal(noisy_tts.synthesize(SENTENCE, 0), ten)                 # the same bytes on a rebuild
+    assert not np.array_equal(noisy_tts.synthesize(SENTENCE + " again", 0)[:1000], ten[:1000])   # text seeds it
+
+
 @pytest.mark.parametrize("backend", ["espeak-ng", "command"])
 def test_shell_metacharacters_are_not_executed(backend, tmp_path, monkeypatch, command_cfg):
     monkeypatch.chdir(tmp_path)
@@ -158,6 +170,7 @@ def test_synthesize_many_parallel_matches_serial():
     ({"speeds": [20]}, "tts.speeds"),
     ({"pitches": [150]}, "tts.pitches"),
     ({"timeout_s": 0}, "tts.timeout_s"),
+    ({"noise_snr_db": [0]}, "tts.noise_snr_db"),
     ({"backend": "command", "command": ["say", "{text}"]}, "tts.command"),
     ({"backend": "command"}, "tts.command"),
     ({"backend": "festival"}, "tts.backend"),

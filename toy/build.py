@@ -1,11 +1,11 @@
 """Assets of the toy default (configs/toy.yaml), built on first use, offline, and reused afterwards.
 
-    python -m toy.build [--out assets/toy] [--world-seed 0] [--size full|reduced] [--workers 2]
+    python -m toy.build [--out assets/toy] [--world-seed 0] [--size full|reduced] [--workers 2] [--tokenizer bpe]
 
 Parts, each built when missing or stale (other sizes or world seed, or an older builder: ``assets.json`` keeps
 the stamp of every part), and written under a temporary name first (a killed build resumes):
 
-- ``llm/``        the teacher: word-level tokenizer + ~1M-parameter Llama trained on every domain's text
+- ``llm/``        the teacher: a word-level (or BPE) tokenizer + ~1M-parameter Llama trained on every domain's text
                   (toy.teacher), with ``accuracy.json``: its text accuracy on every benchmark;
 - ``encoder/``    the frozen toy speech encoder: CTC on espeak-ng phonemes of narrative sentences and random
                   strings over the whole vocabulary (toy.speech_encoder), never the LLM;
@@ -32,7 +32,7 @@ import multiprocessing as mp
 import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +62,7 @@ class Sizes:
     heldout_per_domain: int = 8    # spoken held-out texts per domain, 4 per document
     pool_texts: int = 4400
     bench_items: int = 200         # per domain (all a knowledge domain has when fewer)
+    tokenizer: str = "word"        # the teacher's: word (one token per word) or bpe (toy.teacher.bpe_tokenizer)
 
 
 SIZES = {"full": Sizes(),
@@ -86,7 +87,7 @@ def build_teacher(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     tmp = out.with_name(out.name + ".train")
     shutil.rmtree(tmp, ignore_errors=True)
     model, tokenizer, info = train_teacher(world, tmp, sizes.teacher_steps, hidden=sizes.teacher_hidden,
-                                           layers=sizes.teacher_layers)
+                                           layers=sizes.teacher_layers, tokenizer=sizes.tokenizer)
     accuracy = domain_accuracy(world, model, tokenizer, sizes.bench_items, shots=0, seed=0)
     atomic_write_json(tmp / "accuracy.json", {"shots": 0, "items": sizes.bench_items, "accuracy": accuracy,
                                                "train_seconds": info["wall_s"]})
@@ -167,9 +168,9 @@ def build_bench(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     tmp.rename(out)
 
 
-def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) -> None:
+def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2, tokenizer: str | None = None) -> None:
     """Build every missing or stale part of the toy assets into ``out`` (see the module docstring)."""
-    sizes = SIZES[size]
+    sizes = SIZES[size] if tokenizer is None else replace(SIZES[size], tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     stamps = read_stamps(out)
     todo = stale_parts(out, stamps, world_seed, sizes)
@@ -196,10 +197,10 @@ def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2) 
     # the other parts are built beside it, one after another (their speech synthesis uses ``workers`` processes).
     # Each part is stamped as soon as it is built, so a failure elsewhere does not make it stale.
     with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        teacher = pool.submit(_build_part, "llm", out, world_seed, size, workers) if "llm" in todo else None
+        teacher = pool.submit(_build_part, "llm", out, world_seed, sizes, workers) if "llm" in todo else None
         try:
             for name in [n for n in (*MODEL_PARTS, *DATA_PARTS) if n in todo and n != "llm"]:
-                _build_part(name, out, world_seed, size, workers)
+                _build_part(name, out, world_seed, sizes, workers)
                 done(name)
         finally:
             if teacher is not None and teacher.exception() is None:
@@ -216,7 +217,7 @@ MODEL_PARTS = {"encoder": build_encoder, "llm": build_teacher}
 PART_SIZES = {"bench": ("bench_items",), "pool.jsonl": ("pool_texts",), "text": ("text_per_domain",),
               "speech": ("natural_docs",), "heldout": ("heldout_per_domain",),
               "encoder": ("encoder_steps", "encoder_sentences", "encoder_random_strings"),
-              "llm": ("teacher_steps", "teacher_layers", "teacher_hidden", "bench_items")}
+              "llm": ("teacher_steps", "teacher_layers", "teacher_hidden", "bench_items", "tokenizer")}
 PART_VERSIONS = {"bench": 1, "pool.jsonl": 2, "text": 1, "speech": 3, "heldout": 2, "encoder": 1, "llm": 2}
 STAMPS = "assets.json"
 
@@ -241,17 +242,19 @@ def read_stamps(out: Path) -> dict[str, dict]:
 
 def stale_parts(out: Path, stamps: dict[str, dict], world_seed: int, sizes: Sizes) -> list[str]:
     """Parts to build: missing, or built with other settings or an older builder (a part without a stamp was
-    left by an interrupted build or built by hand: rebuilt too)."""
-    return [name for name in PART_SIZES
-            if not (out / name).exists() or stamps.get(name) != part_stamp(name, world_seed, sizes)]
+    left by an interrupted build or built by hand: rebuilt too). A setting added after a part was built stands
+    at its default in the part's stamp: the part was built that way."""
+    defaults = {f.name: f.default for f in fields(Sizes)}
+    return [name for name in PART_SIZES if not (out / name).exists() or name not in stamps
+            or {**defaults, **stamps[name]} != {**defaults, **part_stamp(name, world_seed, sizes)}]
 
 
-def _build_part(name: str, out: Path, world_seed: int, size: str, workers: int) -> None:
+def _build_part(name: str, out: Path, world_seed: int, sizes: Sizes, workers: int) -> None:
     import torch
 
     torch.set_num_threads(1)
     print(f"toy assets: building {out / name}", file=sys.stderr)
-    {**DATA_PARTS, **MODEL_PARTS}[name](World(world_seed), out / name, SIZES[size], workers)
+    {**DATA_PARTS, **MODEL_PARTS}[name](World(world_seed), out / name, sizes, workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world-seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
+    parser.add_argument("--tokenizer", choices=("word", "bpe"), default=None,
+                        help="the teacher's tokenizer (default: the size's, word)")
     args = parser.parse_args(argv)
-    build(args.out, args.world_seed, args.size, args.workers)
+    build(args.out, args.world_seed, args.size, args.workers, args.tokenizer)
     return 0
 
 

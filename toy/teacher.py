@@ -1,6 +1,6 @@
-"""The toy's teacher: a word-level tokenizer and a ~1M-parameter Qwen2 LM trained from scratch on the world.
+"""The toy's teacher: a tokenizer (word-level or BPE) and a ~1M-parameter Llama LM trained from scratch on the world.
 
-    python -m toy.teacher --out assets/toy/llm [--steps 600] [--seed 0]
+    python -m toy.teacher --out assets/toy/llm [--steps 600] [--seed 0] [--tokenizer word|bpe]
 
 Training rows pack whole texts, ``<s> text \\n\\n text \\n\\n ...``, so a 0-shot prompt (``<s>`` + context) and a
 k-shot prompt (solved examples separated by a blank line, as eval.mcq builds it) both look like training
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
-from tokenizers.models import WordLevel
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE, WordLevel
+from tokenizers.trainers import BpeTrainer
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from eval.benchmarks import MCQItem
@@ -59,6 +60,29 @@ def word_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast
     if out_dir is not None:
         tokenizer.save_pretrained(str(out_dir))
     return tokenizer
+
+
+def bpe_tokenizer(world: World, pieces: int = 300, out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+    """Byte-pair pieces learned from the world's text (``pieces`` in all), as Qwen's BPE: a word heard rarely or
+    never can share pieces with words heard often. Words keep a leading word-start mark (Metaspace), so a context
+    and its choice tokenize the same apart as joined, and punctuation and the newline stay their own tokens."""
+    rng = np.random.default_rng([world.seed, 7])
+    texts = [t for d in DOMAINS for t in world.texts(d, 300, rng)] + vocabulary()
+    tok = Tokenizer(BPE(unk_token=SPECIAL["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"[^a-z ]"), behavior="isolated"),
+                                                 pre_tokenizers.Metaspace(prepend_scheme="first")])
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator(texts, BpeTrainer(vocab_size=pieces, special_tokens=list(SPECIAL.values()),
+                                              show_progress=False))
+    tok.add_tokens([AddedToken(NEWLINE, normalized=False)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+    if out_dir is not None:
+        tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+TOKENIZERS = {"word": lambda world: word_tokenizer(), "bpe": bpe_tokenizer}
 
 
 def tiny_llama(tokenizer, hidden: int = 128, layers: int = 4, heads: int = 4, seed: int = 0, init_std: float = 0.06):
@@ -122,11 +146,13 @@ def _row(pools: dict[str, list[list[int]]], p: np.ndarray, length: int, bos: int
 
 def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: int = 32, seq_len: int = 128,
                   lr: float = 4e-3, weights: dict[str, float] | None = None, pool: int = 2000, seed: int = 0,
-                  chain: float = 0.3, hidden: int = 128, layers: int = 4, heads: int = 4, progress: bool = True):
+                  chain: float = 0.3, hidden: int = 128, layers: int = 4, heads: int = 4, progress: bool = True,
+                  tokenizer: str = "word"):
     """Train the teacher and save it (``save_pretrained``, with its tokenizer) to ``out_dir``.
 
     Returns ``(model, tokenizer, info)``; ``info`` (also saved as train_info.json) holds the loss curve and
-    the wall time. AdamW with linear warmup (5%) and cosine decay to 10% of ``lr``.
+    the wall time. AdamW with linear warmup (5%) and cosine decay to 10% of ``lr``. ``tokenizer``: ``word`` (one
+    token per word) or ``bpe`` (``bpe_tokenizer``).
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -141,7 +167,9 @@ def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: in
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.time()
-    tokenizer = word_tokenizer()
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer: {tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+    kind, tokenizer = tokenizer, TOKENIZERS[tokenizer](world)
     model = tiny_llama(tokenizer, hidden, layers, heads, seed)
     rng = np.random.default_rng([seed, world.seed])
     pools = _pools(world, weights, tokenizer, pool, rng)
@@ -170,7 +198,8 @@ def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: in
             losses.append(round(loss.item(), 4))
             bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
     model.eval()
-    info = {"world_seed": world.seed, "seed": seed, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
+    info = {"world_seed": world.seed, "seed": seed, "tokenizer": kind, "vocab": len(tokenizer),
+            "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
             "weights": weights, "params": sum(t.numel() for t in model.parameters()),
             "wall_s": round(time.time() - start, 1), "threads": torch.get_num_threads(), "losses": losses}
     model.save_pretrained(str(tmp))
@@ -217,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=200, help="benchmark items per domain")
     p.add_argument("--shots", type=int, nargs="+", default=[0])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokenizer", choices=sorted(TOKENIZERS), default="word")
     a = p.parse_args(argv)
     if min(a.steps, a.items, a.batch, a.seq_len) < 1 or min(a.shots) < 0:
         p.error("--steps, --items, --batch and --seq-len must be at least 1, --shots at least 0")
     torch.set_num_threads(a.threads)
     world = World(a.world_seed)
     try:
-        model, tokenizer, info = train_teacher(world, a.out, a.steps, a.batch, a.seq_len, seed=a.seed)
+        model, tokenizer, info = train_teacher(world, a.out, a.steps, a.batch, a.seq_len, seed=a.seed,
+                                               tokenizer=a.tokenizer)
     except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
