@@ -30,7 +30,7 @@ from train.layout import RunFolder
 MEASURES = ("teacher_text", "student_text", "student_speech", "gap", "text_gap")
 DIAGNOSTICS = ("M", "F")
 TASK_HEADER = ("round", "task", "n", "teacher text", "student text", "student speech", "gap [95% CI]",
-               "text gap [95% CI]")
+               "text gap [95% CI]", "cascade")
 DIAG_HEADER = ("round", "M", "F", "avg student speech", "avg gap")
 
 
@@ -145,15 +145,20 @@ def _diag(x: float | None) -> str:
 
 
 def task_rows(report: dict) -> list[list[str]]:
-    """Rows of the round x task table (accuracy in %), one "average" row per round."""
+    """Rows of the round x task table (accuracy in %), one "average" row per round; cascade: the teacher reading
+    the student's transcripts, where eval.json has it."""
     rows = []
     for r in report["rounds"]:
+        cascade = r.get("cascade") or {}
         for name, t in r["tasks"].items():
             rows.append([str(r["round"]), name, str(t["n"]), _pct(t["teacher_text"]), _pct(t["student_text"]),
-                         _pct(t["student_speech"]), _with_ci(t, "gap"), _with_ci(t, "text_gap")])
+                         _pct(t["student_speech"]), _with_ci(t, "gap"), _with_ci(t, "text_gap"),
+                         _pct(cascade[name]) if name in cascade else "—"])
         avg = r["average"]
+        mean_cascade = [cascade[n] for n in r["tasks"] if n in cascade]
         rows.append([str(r["round"]), "average", str(sum(t["n"] for t in r["tasks"].values())),
-                     *(_pct(avg[k]) for k in MEASURES)])
+                     *(_pct(avg[k]) for k in MEASURES),
+                     _pct(sum(mean_cascade) / len(mean_cascade)) if len(mean_cascade) == len(r["tasks"]) else "—"])
     return rows
 
 

@@ -112,7 +112,8 @@ def test_report_files(tmp_path):
     assert saved["rounds"][2]["cascade"] == {"arc": 0.79}
 
     md = (tmp_path / "report.md").read_text()
-    assert "| 10 | arc | 100 | 80.0 | 80.0 | 74.0 | 6.0 [1.0, 11.0] | 0.0 [-5.0, 5.0] |" in md
+    assert "| 10 | arc | 100 | 80.0 | 80.0 | 74.0 | 6.0 [1.0, 11.0] | 0.0 [-5.0, 5.0] | 79.0 |" in md   # + cascade
+    assert "| 10 | piqa | 50 | 70.0 | 69.0 | 66.0 | 4.0 [-1.0, 9.0] | 1.0 [-4.0, 6.0] | — |" in md
     assert "| 0 | average | 150 | 75.0 | 74.0 | 55.0 | 20.0 | 1.0 |" in md
     assert "| 0 | 0.9 | 0.1 | 55.0 | 20.0 |" in md
     assert "| 2 | — | — |" in md
