@@ -23,11 +23,15 @@ def test_the_tables_cover_every_domain_and_sum_to_one():
     assert knowledge[0] < knowledge[-1] / 4    # graded, from rare to very rare
 
 
-def test_natural_documents_follow_the_shares(docs):
-    per_domain = Counter(doc.rsplit("-", 1)[0] for doc, _ in docs)
+def test_natural_documents_follow_the_shares_in_a_mixed_order(docs):
+    domains = [doc.rsplit("-", 1)[0] for doc, _ in docs]
+    per_domain = Counter(domains)
     assert len(docs) == 1600 and len({doc for doc, _ in docs}) == 1600
     for d, share in NATURAL_SHARES.items():
         assert per_domain[d] == round(share * 1600)
+    for start in range(0, 1600, 400):   # every stretch read in order holds the mixture, not one domain
+        part = Counter(domains[start:start + 400])
+        assert len(part) >= 9 and part["narrative"] / 400 == pytest.approx(0.5, abs=0.1)
 
 
 def test_every_word_is_heard_somewhere_and_knowledge_words_rarely(docs):

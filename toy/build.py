@@ -133,7 +133,8 @@ def build_text(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
     docs = [doc for d in DOMAINS
             for doc in _docs(world.texts(d, sizes.text_per_domain, _domain_rng(world.seed, "text", d)), d, 8)]
-    build_texts(docs, out, None, SAMPLE_RATE, source="toy-text")
+    order = np.random.default_rng([world.seed, len(docs)]).permutation(len(docs))   # read in order: mix domains
+    build_texts([docs[i] for i in order], out, None, SAMPLE_RATE, source="toy-text")
 
 
 def build_heldout(world: World, out: Path, sizes: Sizes, workers: int) -> None:
@@ -218,7 +219,7 @@ PART_SIZES = {"bench": ("bench_items",), "pool.jsonl": ("pool_texts",), "text": 
               "speech": ("natural_docs",), "heldout": ("heldout_per_domain",),
               "encoder": ("encoder_steps", "encoder_sentences", "encoder_random_strings"),
               "llm": ("teacher_steps", "teacher_layers", "teacher_hidden", "bench_items", "tokenizer")}
-PART_VERSIONS = {"bench": 1, "pool.jsonl": 2, "text": 1, "speech": 3, "heldout": 2, "encoder": 1, "llm": 2}
+PART_VERSIONS = {"bench": 1, "pool.jsonl": 2, "text": 2, "speech": 4, "heldout": 2, "encoder": 1, "llm": 2}
 STAMPS = "assets.json"
 
 
