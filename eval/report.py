@@ -237,6 +237,12 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
 def plot_gaps(report: dict) -> bytes:
     """Gap per task per round with its 95% interval; tasks shifted a little on x so the bars do not overlap."""
     fig = Figure(figsize=(7, 4.5))
@@ -254,9 +260,7 @@ def plot_gaps(report: dict) -> bytes:
     ax.plot(rounds, [100 * r["average"]["gap"] for r in report["rounds"]], "k--", marker="s", label="average")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(rounds)
-    ax.set_xlabel("round")
-    ax.set_ylabel("gap: teacher text - student speech (accuracy points)")
-    ax.set_title("Text-speech gap per task (95% CI)")
+    _label(ax, "round", "gap: teacher text - student speech (accuracy points)", "Text-speech gap per task (95% CI)")
     ax.legend(fontsize="small")
     return _png(fig)
 
@@ -269,9 +273,7 @@ def plot_diagnostics(report: dict) -> bytes:
         ax = fig.add_subplot(1, 2, i + 1)
         ax.plot(rounds, [math.nan if r[key] is None else r[key] for r in report["rounds"]], marker="o")
         ax.set_xticks(rounds)
-        ax.set_xlabel("round")
-        ax.set_ylabel("KL (nats per token)")
-        ax.set_title(title)
+        _label(ax, "round", "KL (nats per token)", title)
     fig.tight_layout()
     return _png(fig)
 
@@ -287,9 +289,8 @@ def plot_m_vs_speech(report: dict) -> bytes:
         ax.scatter([p[2] for p in mine], [100 * p[3] for p in mine], s=18, label=f"round {round_}")
     xs = np.linspace(min(p[2] for p in points), max(p[2] for p in points), 2)
     ax.plot(xs, 100 * (fit["slope"] * xs + fit["intercept"]), "k--", linewidth=1, label=f"fit, R² {fit['r2']:.2f}")
-    ax.set_xlabel("M on the task's items (nats per answer token)")
-    ax.set_ylabel("student speech accuracy (%)")
-    ax.set_title("Misalignment M predicts speech accuracy")
+    _label(ax, "M on the task's items (nats per answer token)", "student speech accuracy (%)",
+           "Misalignment M predicts speech accuracy")
     ax.legend(fontsize="small")
     return _png(fig)
 
