@@ -68,8 +68,9 @@ def text_prefix_embeddings(lm: LM, doc: Document, bos_id: int | None) -> torch.T
 
 
 @torch.no_grad()
-def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> torch.Tensor:
-    """Summed log-probability of each choice after ``prefix`` [1, P, H]; the prefix runs once (KV cache)."""
+def choice_pass(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Summed log-probability of each choice after ``prefix`` [1, P, H], and each choice's log-distributions
+    [len(choice), V] (what M is computed from); the prefix runs once (KV cache)."""
     n, P = len(choices), prefix.shape[1]
     out = lm.decoder(inputs_embeds=prefix, use_cache=True)
     cache = out.cache
@@ -86,10 +87,17 @@ def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> t
                         position_ids=positions, use_cache=False).last_hidden_state
     last = out.last_hidden_state[:, -1:].expand(n, 1, -1)
     predictors = torch.cat([last, hidden[:, :-1]], 1)       # position j predicts choice token j
-    logp = F.log_softmax(lm.head(predictors[mask]).float(), -1).gather(1, ids[mask][:, None]).squeeze(1)
+    dists = F.log_softmax(lm.head(predictors[mask]).float(), -1)   # choice by choice (the mask is row-major)
+    logp = dists.gather(1, ids[mask][:, None]).squeeze(1)
     # summed over a zero-padded [n, length] grid: one fixed order on every device (index_add_ adds
     # atomically on CUDA, in an order that changes from run to run)
-    return logp.new_zeros(n, length).masked_scatter(mask, logp).sum(1)
+    sums = logp.new_zeros(n, length).masked_scatter(mask, logp).sum(1)
+    return sums, list(dists.split([len(c) for c in choices]))
+
+
+def choice_logprobs(lm: LM, prefix: torch.Tensor, choices: list[list[int]]) -> torch.Tensor:
+    """Summed log-probability of each choice after ``prefix`` (``choice_pass``'s first part)."""
+    return choice_pass(lm, prefix, choices)[0]
 
 
 @torch.no_grad()
@@ -107,11 +115,11 @@ def choice_logprobs_naive(lm: LM, prefix: torch.Tensor, choices: list[list[int]]
                         .sum() for c in choices])
 
 
-def answer_misalignment(lm: LM, text_prefix: torch.Tensor, speech_prefix: torch.Tensor, ids: list[int]) -> float:
+def answer_misalignment(text: torch.Tensor, speech: torch.Tensor) -> float:
     """M on one item: KL(student after the text context || student after the spoken context), averaged over the
-    right answer's tokens. Per task it says how far speech is from text where the benchmark decides."""
-    p, q = continuation_logprobs(lm, text_prefix, ids), continuation_logprobs(lm, speech_prefix, ids)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    right answer's tokens, from the two log-distributions [len, V] (``choice_pass``). Per task it says how far
+    speech is from text where the benchmark decides."""
+    return float((text.exp() * (text - speech)).sum(-1).mean())
 
 
 def normalise(logprobs: torch.Tensor, choices: list[list[int]], texts: list[str], norm: str) -> torch.Tensor:
@@ -120,12 +128,21 @@ def normalise(logprobs: torch.Tensor, choices: list[list[int]], texts: list[str]
     return logprobs / torch.tensor(lengths, dtype=logprobs.dtype, device=logprobs.device)
 
 
+def choice_ids(item: MCQItem, tokenizer) -> list[list[int]]:
+    """The tokens of each choice (EOS for a choice that has none)."""
+    return [tokenizer.encode(c, add_special_tokens=False) or [tokenizer.eos_token_id] for c in item.choices]
+
+
+def best_choice(logprobs: torch.Tensor, choices: list[list[int]], item: MCQItem, norm: str) -> int:
+    """Index of the choice with the best length-normalised log-probability."""
+    return int(torch.argmax(normalise(logprobs, choices, item.choices, norm)))
+
+
 def score_item(lm: LM, prefix: torch.Tensor, item: MCQItem, tokenizer, norm: str,
                scorer: Callable = choice_logprobs) -> int:
     """Index of the choice with the best length-normalised log-probability."""
-    choices = [tokenizer.encode(c, add_special_tokens=False) or [tokenizer.eos_token_id] for c in item.choices]
-    scores = normalise(scorer(lm, prefix, choices), choices, item.choices, norm)
-    return int(torch.argmax(scores))
+    choices = choice_ids(item, tokenizer)
+    return best_choice(scorer(lm, prefix, choices), choices, item, norm)
 
 
 @torch.no_grad()
@@ -153,8 +170,9 @@ def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots:
     as text. A cascade prompt can hold no token at all (nothing decoded, no BOS, no shots): it then starts from
     EOS, as lm-evaluation-harness does for an empty context."""
     bos = tokenizer.bos_token_id
+    choices = choice_ids(item, tokenizer)
     out: dict = {}
-    prefixes = {}
+    answer_dists = {}
     for mode, lm in lms.items():
         if mode == "student_speech":
             speech = AdapterOutput.stack([encoded[it.id] for it in (*shots, item)]) if encoded else None
@@ -163,10 +181,9 @@ def correct_by_mode(student: SpeechLM, lms: dict[str, LM], item: MCQItem, shots:
             doc = prompt_document(item, shots, tokenizer, None, transcripts if mode == CASCADE else None)
             start = bos if bos is not None or any(span.ids for span in doc.spans) else tokenizer.eos_token_id
             prefix = text_prefix_embeddings(lm, doc, start)
-        out[mode] = int(score_item(lm, prefix, item, tokenizer, norm) == item.answer)
-        prefixes[mode] = prefix
-    if {"student_text", "student_speech"} <= prefixes.keys():
-        answer = tokenizer.encode(item.choices[item.answer], add_special_tokens=False) or [tokenizer.eos_token_id]
-        out["M"] = answer_misalignment(lms["student_speech"], prefixes["student_text"], prefixes["student_speech"],
-                                       answer)
+        logprobs, dists = choice_pass(lm, prefix, choices)
+        out[mode] = int(best_choice(logprobs, choices, item, norm) == item.answer)
+        answer_dists[mode] = dists[item.answer]
+    if {"student_text", "student_speech"} <= answer_dists.keys():
+        out["M"] = answer_misalignment(answer_dists["student_text"], answer_dists["student_speech"])
     return out

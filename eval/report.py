@@ -322,17 +322,16 @@ def plot_selection(report: dict) -> bytes:
 def render(report: dict, run_dir: Path) -> list[Path]:
     """Write report.json, report.md and the plots into ``run_dir``; returns their paths."""
     run_dir = Path(run_dir)
-    outputs = {"report.json": None, "report.md": markdown(report, run_dir.name).encode("utf-8"),
-               "gap_per_task.png": plot_gaps(report), "diagnostics.png": plot_diagnostics(report)}
-    if report.get("M_fit"):
-        outputs["m_vs_speech.png"] = plot_m_vs_speech(report)
-    if selections(report):
-        outputs["selection_share.png"] = plot_selection(report)
     atomic_write_json(run_dir / "report.json", report)
-    for name, data in outputs.items():
-        if data is not None:
-            atomic_write_bytes(run_dir / name, data)
-    return [run_dir / name for name in outputs]
+    files = {"report.md": markdown(report, run_dir.name).encode("utf-8"), "gap_per_task.png": plot_gaps(report),
+             "diagnostics.png": plot_diagnostics(report)}
+    if report.get("M_fit"):
+        files["m_vs_speech.png"] = plot_m_vs_speech(report)
+    if selections(report):
+        files["selection_share.png"] = plot_selection(report)
+    for name, data in files.items():
+        atomic_write_bytes(run_dir / name, data)
+    return [run_dir / "report.json", *(run_dir / name for name in files)]
 
 
 def print_report(report: dict, console: Console | None = None) -> None:

@@ -10,6 +10,7 @@ from eval.mcq import (
     answer_misalignment,
     choice_logprobs,
     choice_logprobs_naive,
+    choice_pass,
     continuation_logprobs,
     correct_by_mode,
     encode_contexts,
@@ -151,11 +152,14 @@ def test_item_misalignment_is_the_kl_over_the_answer_tokens(tiny_dir, tokenizer)
     with torch.no_grad():
         text = text_prefix_embeddings(lm, prompt_document(pool[0], pool[1:], tokenizer, None), bos)
         speech = model.prompt_embeddings(prompt_document(pool[0], pool[1:], tokenizer, audio), bos)
-    assert answer_misalignment(lm, text, text, answer) == pytest.approx(0.0, abs=1e-6)
-    p, q = (continuation_logprobs(lm, prefix, answer) for prefix in (text, speech))
+    p, q = (continuation_logprobs(lm, prefix, answer) for prefix in (text, speech))   # one full forward each
     assert p.shape == (len(answer), model.llm.config.vocab_size)
+    assert answer_misalignment(p, p) == pytest.approx(0.0, abs=1e-6)
     by_hand = sum(float((p[i].exp() * (p[i] - q[i])).sum()) for i in range(len(answer))) / len(answer)
-    assert answer_misalignment(lm, text, speech, answer) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0.01
+    assert answer_misalignment(p, q) == pytest.approx(by_hand, rel=1e-5) and by_hand > 0.01
+    choices = [tokenizer.encode(c, add_special_tokens=False) for c in pool[0].choices]
+    _, dists = choice_pass(lm, text, choices)   # the batched pass gives the same distributions
+    assert torch.allclose(dists[pool[0].answer], p, atol=1e-4)
     row = correct_by_mode(model, {"student_text": lm, "student_speech": lm}, pool[0], pool[1:], tokenizer, audio,
                           "tokens")
     assert set(row) == {"student_text", "student_speech", "M"} and row["M"] == pytest.approx(by_hand, rel=1e-4)
