@@ -4,6 +4,8 @@
     python -m rounds ablation [CONFIG] [--seeds 0,1,2] [key=value ...]
 
 Rounds: round 0 = stage-I training and eval; round r >= 1 = selection, stage-II training, eval; then the report.
+With ``train.monitor`` on, each round's selection and eval figures go to the run's monitor once its eval is new
+(``train/monitor.py``).
 Every job skips what it finished, so a killed run continues where it stopped. Jobs run under a launcher:
 ``SALAD_LAUNCH`` (default ``python -m``), e.g. ``torchrun --standalone --nproc_per_node 8 -m`` or
 ``deepspeed --hostfile hosts --num_gpus 8 --module``; ``SALAD_EVAL_LAUNCH`` overrides it for eval alone. Without
@@ -29,6 +31,7 @@ from pathlib import Path
 from config import ConfigError, split_overrides
 from rounds.experiment import ExperimentConfig, load_experiment
 from train.layout import RunFolder
+from train.monitor import log_round
 
 DEFAULT_CONFIG = "configs/toy.yaml"
 STAGE_I_PARTS = ("round-0", "pool_embeddings", "spoken")   # what an ablation variant shares with the active run
@@ -72,6 +75,7 @@ def run_rounds(config: str, overrides: list[str], cfg: ExperimentConfig) -> None
     """Rounds 0..cfg.rounds, then the report."""
     jobs = launcher("SALAD_LAUNCH", [sys.executable, "-m"])
     evals = eval_launcher()
+    run = cfg.run.folder()
     for r in range(cfg.rounds + 1):
         if r > 0:
             log(f"round {r}: selection")
@@ -79,7 +83,10 @@ def run_rounds(config: str, overrides: list[str], cfg: ExperimentConfig) -> None
         log(f"round {r}: training")
         run_job(jobs, "train", config, overrides, r)
         log(f"round {r}: evaluation")
+        logged = run.eval_json(r).is_file()   # an eval of an earlier invocation: its figures are logged already
         run_job(evals, "eval", config, overrides, r)
+        if not logged:
+            log_round(cfg, r)
     run_job([sys.executable, "-m"], "eval.report", config, overrides)
 
 

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node N -m train --config CONFIG ...
     deepspeed [--hostfile H] --module train --config CONFIG ...
 
-Writes ``runs/<name>/round-R/``: ``checkpoints/``, ``metrics.jsonl``, ``export/`` and ``DONE``.
+Writes ``runs/<name>/round-R/``: ``checkpoints/``, ``metrics.jsonl``, ``export/`` and ``DONE``; with
+``train.monitor``, every figure of ``metrics.jsonl`` also goes to TensorBoard, CSV or W&B (``train/monitor.py``).
 A killed run started again with the same command resumes from its latest checkpoint exactly.
 """
 
@@ -25,6 +26,7 @@ from config import to_dict
 from rounds.experiment import ExperimentConfig, job_parser, parse_job
 from train import checkpoint, distributed
 from train.layout import DONE, PRE_DECAY
+from train.monitor import Monitor, round_offset, scalars
 from train.schedule import decay_start
 
 STEP_FIGURES = ("loss", "kl", "nll", "ctc", "tokens", "cached")   # the Objective's outputs a logged step reports
@@ -94,6 +96,10 @@ class LogWindow:
                   "tokens_per_s": figures["tokens"] / elapsed, "audio_s_per_s": audio / elapsed}
         if cached:   # share of micro-batches that used cached teacher targets
             record["teacher_cached"] = figures["cached"] / n
+        if self.sums.device.type == "cuda":   # peak GPU memory since the last logged step, the most of any rank
+            peak = torch.tensor(torch.cuda.max_memory_allocated(self.sums.device) / 2**30, dtype=torch.float64)
+            record["gpu_mem_gib"] = float(distributed.all_reduce(peak, "max"))
+            torch.cuda.reset_peak_memory_stats(self.sums.device)
         self.reset()
         return record
 
@@ -172,7 +178,9 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
 
     window = LogWindow(engine.device)
     bar = progress(rank == 0)
-    with bar:
+    offset = round_offset(cfg.train, round_)   # the monitor's steps run on across rounds (train/monitor.py)
+    with bar, Monitor(cfg.train.monitor, cfg.run, f"round-{round_} train", rank) as monitor:
+        monitor.purge(offset + step + 1)   # what a killed try logged past the checkpoint, as metrics.jsonl
         task = bar.add_task(f"train round {round_}", total=schedule.max_steps, completed=step, status="")
         while step < schedule.max_steps:
             save_pre_decay()
@@ -196,6 +204,7 @@ def train(cfg: ExperimentConfig, round_: int) -> Path:
                         engine.module.diagnostics(heldout) * heldout_weight)))
                 if rank == 0:
                     write_metrics(metrics, record)
+                    monitor.write(scalars({k: v for k, v in record.items() if k != "step"}, "train"), offset + step)
                 bar.update(task, status=f"loss {record['loss']:.3f} kl {record['kl']:.3f} "
                            f"{record['tokens_per_s']:.0f} tok/s {record['audio_s_per_s']:.1f} audio-s/s")
             bar.update(task, completed=step)

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -20,6 +20,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from config import require
+from train.monitor import MonitorConfig
 from train.schedule import decay_start, wsd_factor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,6 +47,7 @@ class TrainConfig:
     # phase and saves its own pre-decay checkpoint, which the next round then starts from.
     stage2_decay_fraction: float = 1.0
     export_tolerance: float = 0.0    # largest relative logit difference, engine vs export; 0: by dtype (export.py)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)   # TensorBoard / CSV / W&B (train/monitor.py)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum", "log_every", "save_every", "keep_checkpoints"):

@@ -5,6 +5,7 @@
       data.yaml                   the selected shard sets, their weights and shares (selection appends)
       pool_embeddings/            the selection pool's embeddings and index, shared by the rounds
       spoken/<task>/              the spoken benchmarks, shared by the rounds
+      monitor/                    experiment tracking (train.monitor: tensorboard/, csv/, wandb/), when on
       round-R/
         config.json engine.json data_mix.json metrics.jsonl
         checkpoints/              step-NNNNNNN, pre-decay, final (DeepSpeed ZeRO checkpoints)
@@ -67,6 +68,11 @@ class RunFolder:
     @property
     def spoken(self) -> Path:
         return self.root / "spoken"
+
+    @property
+    def monitor(self) -> Path:
+        """Where the experiment tracking writes unless ``train.monitor.dir`` names another folder."""
+        return self.root / "monitor"
 
     def round(self, r: int) -> Path:
         return self.root / f"round-{r}"
