@@ -458,11 +458,14 @@ def _csv(kind: type) -> Any:
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
     p = argparse.ArgumentParser(prog="python -m shards.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", type=Path, required=True,
-                   help="manifest .jsonl, LibriSpeech-style folder, lhotse cuts .jsonl.gz (LibriHeavy), Emilia "
-                        ".tar or folder of tars, .parquet or folder of them, or text (.jsonl, .jsonl.gz, .txt)")
+                   help="manifest .jsonl, LibriSpeech-style folder, lhotse cut manifest .jsonl.gz (LibriHeavy, "
+                        "lhotse's Emilia recipe), Emilia .tar or folder of tars, .parquet or folder of them, or text "
+                        "(.jsonl, .jsonl.gz, .txt)")
     p.add_argument("--out", type=Path, required=True, help="output folder of the shard set")
     p.add_argument("--sr", type=int, default=16000, help="sample rate of the shards' audio")
-    p.add_argument("--format", choices=("auto", *sources.FORMATS), default="auto")
+    p.add_argument("--format", choices=("auto", *sources.FORMATS), default="auto",
+                   help="auto: by suffix, or a JSONL's first record (lhotse: a cut; a lhotse .json or .yaml "
+                        "manifest needs --format lhotse)")
     p.add_argument("--audio-root", type=Path, default=None,
                    help="folder that relative audio paths of a manifest or cuts are under (default: its folder)")
     p.add_argument("--tts", choices=("espeak-ng", "command"), help="synthesize text-only input to speech")

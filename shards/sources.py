@@ -1,5 +1,5 @@
-"""Input readers for the shard builder: manifests, LibriSpeech-style trees, the paper's corpora
-(LibriHeavy cut manifests, Emilia WebDataset tars, ``datasets``-written parquet) and plain text.
+"""Input readers for the shard builder: manifests, LibriSpeech-style trees, lhotse cut manifests (the paper's
+LibriHeavy, Emilia through lhotse's recipe), Emilia's WebDataset tars, ``datasets``-written parquet and plain text.
 
 Readers only list segments (cheap: no audio is decoded), in input order, as ``Record``s. A bad
 input is never dropped silently: it comes out as a Record with a ``reject`` reason, so the builder
@@ -28,11 +28,15 @@ import soundfile as sf
 import torch
 import torchaudio
 
-FORMATS = ("manifest", "librispeech", "libriheavy", "emilia", "parquet", "text")
+FORMATS = ("manifest", "librispeech", "lhotse", "emilia", "parquet", "text")
 TEXT_FORMATS = ("text", "parquet")  # no audio: spoken by --tts, or text-only shards
 AUDIO_SUFFIXES = (".flac", ".wav")
 TAR_AUDIO = ("mp3", "flac", "wav")  # audio members of a WebDataset sample, in order of preference
 RANGE_SLACK_S = 0.002  # an end this far past the file is its end (start + duration rounded to ms)
+CUT_TYPES = ("MonoCut", "MultiCut", "MixedCut", "PaddingCut")  # the "type" of a lhotse cut manifest's lines
+LHOTSE_JSONL = (".jsonl", ".jsonl.gz")  # read line by line; other lhotse manifests (.json, .yaml) whole
+# what lhotse raises on a malformed manifest entry: it builds its objects without checking types or fields
+_MALFORMED = (TypeError, ValueError, KeyError, IndexError, AttributeError)
 
 MISSING_FILE = "missing_file"
 UNREADABLE_AUDIO = "unreadable_audio"
@@ -45,7 +49,7 @@ DUPLICATE_KEY = "duplicate_key"
 BAD_RANGE = "bad_range"
 BAD_RECORD = "bad_record"  # a JSON line whose fields have the wrong type (e.g. "start": "abc")
 TTS_FAILED = "tts_failed"
-UNSUPPORTED_CUT = "unsupported_cut"  # a lhotse cut that is not one local file (MixedCut, url, transforms)
+UNSUPPORTED_CUT = "unsupported_cut"  # a lhotse item that is not a MonoCut/MultiCut with a recording
 
 _WINDOW_ID = re.compile(r"(.+)_W(\d+)")  # Emilia: <source>_W<window index>
 _WDS_MEMBER = re.compile(r"((?:.*/)?[^./]+)\.([^/]+)")  # WebDataset: key = up to the basename's first dot
@@ -67,10 +71,11 @@ class Rejected(Exception):
 class Record:
     """One input segment before its audio is read, or (``reject`` set) a rejected input.
 
-    ``input`` locates it for humans (``file:line`` or the audio path); ``uid`` identifies it for
-    duplicate detection (utterance id, or doc and position); ``pos`` orders segments in ``doc``;
-    ``start``/``end`` cut the audio file (seconds); ``byte_range`` (offset, size) says the audio file is
-    those bytes of ``audio`` (a member of a tar).
+    ``input`` locates it for humans (``file:line``, ``file:line (cut id)`` or the audio path); ``uid``
+    identifies it for duplicate detection (utterance or cut id, or doc and position); ``pos`` orders segments
+    in ``doc``; ``start``/``end`` cut the audio file (seconds); ``byte_range`` (offset, size) says the audio
+    file is those bytes of ``audio`` (a member of a tar); ``cut`` is a lhotse cut (JSON, without its
+    supervisions) whose audio lhotse reads: any source type, channel layout or transform it knows.
     """
 
     input: str
@@ -84,11 +89,13 @@ class Record:
     end: float | None = None
     words: list[list[Any]] | None = None
     byte_range: tuple[int, int] | None = None
+    cut: str | None = None
 
 
 def detect_format(path: Path) -> str:
     """By suffix (``.tar`` Emilia, ``.parquet``) or, for JSONL (``.jsonl``, ``.jsonl.gz``), by the first
-    record: lhotse cuts have "recording" and "supervisions", a manifest has "audio", else text. A folder
+    record: a lhotse cut has a cut "type" or "recording" and "supervisions", a manifest has "audio", else text
+    (a lhotse ``.json`` or ``.yaml`` manifest needs ``--format lhotse``). A folder
     is read by what it holds: ``*.trans.txt`` (LibriSpeech), ``*.tar`` (Emilia) or ``*.parquet``."""
     if path.is_dir():
         for fmt, pattern in (("librispeech", "*.trans.txt"), ("emilia", "*.tar"), ("parquet", "*.parquet")):
@@ -99,8 +106,9 @@ def detect_format(path: Path) -> str:
         return "emilia" if path.suffix == ".tar" else "parquet"
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         first = next((_parse_json(raw) for _, raw in read_lines(path) if raw.strip()), None)
-        if isinstance(first, dict) and "recording" in first and "supervisions" in first:
-            return "libriheavy"
+        if isinstance(first, dict) and (first.get("type") in CUT_TYPES
+                                        or "recording" in first and "supervisions" in first):
+            return "lhotse"
         return "manifest" if isinstance(first, dict) and "audio" in first else "text"
     return "text"
 
@@ -111,7 +119,7 @@ def read_records(path: Path, fmt: str, audio_root: Path | None = None) -> list[R
     base = audio_root if audio_root is not None else path.parent
     readers: dict[str, Callable[[], Iterable[Record]]] = {
         "manifest": lambda: read_manifest(path, base), "librispeech": lambda: read_librispeech(path),
-        "libriheavy": lambda: read_libriheavy(path, base), "emilia": lambda: read_emilia(path),
+        "lhotse": lambda: read_lhotse(path, base), "emilia": lambda: read_emilia(path),
         "parquet": lambda: read_parquet(path), "text": lambda: read_text(path)}
     return mark_duplicates(readers[fmt]())
 
@@ -136,18 +144,16 @@ def read_manifest(path: Path, base: Path) -> Iterator[Record]:
         yield _guarded(where, _manifest_record, obj, where, lineno, base)
 
 
-def read_libriheavy(path: Path, base: Path) -> list[Record]:
-    """A lhotse cut manifest (``.jsonl`` or ``.jsonl.gz``; LibriHeavy's ``libriheavy_cuts_*.jsonl.gz``).
+def read_lhotse(path: Path, base: Path) -> list[Record]:
+    """A lhotse cut manifest: JSONL (``.jsonl``, ``.jsonl.gz``; LibriHeavy's ``libriheavy_cuts_*.jsonl.gz``,
+    ``lhotse prepare emilia``'s ``emilia_cuts_EN.jsonl.gz``), or a ``.json``/``.yaml`` one read whole.
 
-    One MonoCut per line; its audio is the span [start, start + duration] of the recording's one
-    ``file`` source (relative paths under ``base``). The text is the supervisions' LibriHeavy book text
-    (``custom.texts[0]``: cased, punctuated) or else their ``text``, joined in manifest order.
-    A document is one reading of a book: the folder of the recording id (``small/100/sea_fairies_.../
-    01_baum_...`` -> ``small/100/sea_fairies_...``), not ``custom.text_path`` (one book can have several
-    readers); a recording id without ``/`` is its own document. Cuts are ordered by recording path, then
-    start, so a book's chapters follow each other.
+    Lhotse parses each cut (a JSONL line at a time, so one bad line is one reject, as in every JSONL reader)
+    and later reads its audio; relative file paths are under ``base``. The text and word timings are the
+    supervisions' (``_cut_text``). A document is ``_cut_doc`` of the recording id; cuts are ordered by
+    recording path, then start, so a book's chapters follow each other.
     """
-    records = [_guarded(where, _cut_record, obj, where, base) for where, _, obj in _json_lines(path)]
+    records = [_guarded(where, _cut_record, obj, where, base) for where, obj in _lhotse_items(path)]
     for pos, rec in enumerate(sorted((r for r in records if r.reject is None), key=lambda r: (r.audio, r.start))):
         rec.pos = pos
     return records
@@ -210,6 +216,15 @@ def read_text(path: Path) -> Iterator[Record]:
 
 def load_audio(rec: Record, sr: int, max_seconds: float | None) -> np.ndarray:
     """The record's span as float32 mono at ``sr``; raises Rejected when the audio is unusable."""
+    audio, native = _cut_audio(rec.cut, max_seconds) if rec.cut is not None else _file_audio(rec, max_seconds)
+    check_audio(audio, native, max_seconds)
+    if native != sr:
+        audio = torchaudio.functional.resample(torch.from_numpy(audio), native, sr).numpy()
+    return audio
+
+
+def _file_audio(rec: Record, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """The record's span of its file (or tar member), mono at the file's rate, and that rate."""
     assert rec.audio is not None
     if not Path(rec.audio).exists():
         raise Rejected(MISSING_FILE)
@@ -231,11 +246,26 @@ def load_audio(rec: Record, sr: int, max_seconds: float | None) -> np.ndarray:
         raise Rejected(UNREADABLE_AUDIO) from None
     if len(audio) < stop - start:
         raise Rejected(UNREADABLE_AUDIO)  # shorter than its header says: truncated
-    audio = audio.mean(axis=1)
-    check_audio(audio, native, max_seconds)
-    if native != sr:
-        audio = torchaudio.functional.resample(torch.from_numpy(audio), native, sr).numpy()
-    return audio
+    return audio.mean(axis=1), native
+
+
+def _cut_audio(cut_json: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """A lhotse cut's audio read by lhotse, its channels mixed to mono, at the recording's rate, and that rate."""
+    from lhotse.serialization import deserialize_item
+
+    try:
+        cut = deserialize_item(json.loads(cut_json))
+        frames, native, files = cut.num_samples, cut.sampling_rate, _recording_files(cut.recording)
+    except _MALFORMED:
+        raise Rejected(BAD_RECORD) from None
+    check_length(frames, native, max_seconds)
+    if not all(Path(f).is_file() for f in files):
+        raise Rejected(MISSING_FILE)  # removed since it was listed
+    try:
+        audio = cut.load_audio()
+    except Exception:  # noqa: BLE001 - lhotse's decoders raise anything (AssertionError, RuntimeError, ...)
+        raise Rejected(UNREADABLE_AUDIO) from None
+    return np.asarray(audio, dtype=np.float32).mean(axis=0), native
 
 
 def _audio_file(rec: Record) -> str | io.BytesIO:
@@ -404,41 +434,106 @@ def _manifest_record(obj: dict | Rejected, where: str, lineno: int, base: Path) 
                   start=start, end=end, words=words)
 
 
+def _lhotse_items(path: Path) -> Iterator[tuple[str, dict | Rejected]]:
+    """(``file:line (cut id)``, the cut's dict or a Rejected) per cut; InputError when a manifest read whole
+    is not a lhotse cut manifest."""
+    if path.name.endswith(LHOTSE_JSONL):
+        for where, _, obj in _json_lines(path):
+            cut_id = obj.get("id") if isinstance(obj, dict) else None
+            yield (f"{where} ({cut_id})" if isinstance(cut_id, str) else where), obj
+        return
+    from lhotse import CutSet
+
+    try:
+        cuts = CutSet.from_file(path)
+    except Exception as exc:  # noqa: BLE001 - lhotse raises ValueError, JSON and YAML errors, ...
+        raise InputError(f"{path}: not a lhotse cut manifest ({exc})") from None
+    for n, cut in enumerate(cuts, 1):
+        yield f"{path}:{n} ({cut.id})", cut.to_dict()
+
+
 def _cut_record(obj: dict | Rejected, where: str, base: Path) -> Record:
-    obj = _ok(obj)
-    if obj.get("type", "MonoCut") != "MonoCut":
+    from lhotse.serialization import deserialize_item
+
+    if _ok(obj).get("type") in ("MixedCut", "PaddingCut"):
+        raise Rejected(UNSUPPORTED_CUT)  # audio of several cuts, or none
+    if "recording" in obj:
+        obj.setdefault("type", "MonoCut")  # lhotse before v0.8 wrote no type
+    try:
+        return _lhotse_record(deserialize_item(obj), where, base)
+    except _MALFORMED:
+        raise Rejected(BAD_RECORD) from None
+
+
+def _lhotse_record(cut: Any, where: str, base: Path) -> Record:
+    from lhotse.cut.data import DataCut
+    from lhotse.utils import fastcopy
+
+    if not isinstance(cut, DataCut) or not cut.has_recording:
         raise Rejected(UNSUPPORTED_CUT)
-    recording, supervisions = obj.get("recording"), obj.get("supervisions")
-    if not isinstance(recording, dict) or not isinstance(supervisions, list):
+    recording = cut.recording
+    if not all(isinstance(i, str) and i for i in (cut.id, recording.id)):
         raise Rejected(BAD_RECORD)
-    files = recording.get("sources")
-    if (not isinstance(files, list) or len(files) != 1 or not isinstance(files[0], dict)
-            or files[0].get("type") != "file" or recording.get("transforms")):
-        raise Rejected(UNSUPPORTED_CUT)
-    source, cut_id, recording_id = files[0].get("source"), obj.get("id"), recording.get("id")
-    if not all(isinstance(v, str) and v for v in (source, cut_id, recording_id)):
-        raise Rejected(BAD_RECORD)
-    text = _text(" ".join(_supervision_text(s) for s in supervisions))
-    start, duration = _field(obj, "start", (int, float), 0.0), _field(obj, "duration", (int, float))
-    if duration is None or not _valid_range(start, start + duration):
+    start, duration, length = (_seconds(t) for t in (cut.start, cut.duration, recording.duration))
+    if not _valid_range(start, start + duration) or start + duration > length + RANGE_SLACK_S:
         raise Rejected(BAD_RANGE)
-    audio = base / source
-    if not audio.is_file():
+    text, words = _cut_text(cut)
+    recording = recording.with_path_prefix(base)
+    if not all(Path(f).is_file() for f in _recording_files(recording)):
         raise Rejected(MISSING_FILE)
-    doc = recording_id.rsplit("/", 1)[0]
-    return Record(input=where, uid=cut_id, doc=doc, text=text, audio=str(audio), start=start, end=start + duration)
+    # the audio's cut: no supervisions (read above), ending at the recording's end; its recording serialized
+    # apart, as DataCut.to_dict does (after serializing it once more inside asdict: twice the cost)
+    audio = fastcopy(cut, duration=min(duration, length - start), recording=None, supervisions=[], features=None,
+                     custom=None).to_dict() | {"recording": recording.to_dict()}
+    first = recording.sources[0].source
+    return Record(input=where, uid=cut.id, doc=_cut_doc(recording.id), text=text,
+                  audio=first if isinstance(first, str) else recording.id, start=start, end=start + duration,
+                  words=words, cut=json.dumps(audio, ensure_ascii=False, separators=(",", ":")))
 
 
-def _supervision_text(sup: Any) -> str:
-    """LibriHeavy's book text (``custom.texts[0]``, cased and punctuated) when present, else ``text``."""
-    if not isinstance(sup, dict):
-        raise Rejected(BAD_RECORD)
-    custom = sup.get("custom")
-    texts = custom.get("texts") if isinstance(custom, dict) else None
-    value = texts[0] if isinstance(texts, list) and texts else sup.get("text")
-    if value is not None and not isinstance(value, str):
-        raise Rejected(BAD_RECORD)
-    return value or ""
+def _recording_files(recording: Any) -> list[str]:
+    """The local files a lhotse recording reads."""
+    return [s.source for s in recording.sources if s.type == "file"]
+
+
+def _cut_text(cut: Any) -> tuple[str, list[list[Any]] | None]:
+    """The cut's supervisions' text, in time order: each one's LibriHeavy book text (``custom.texts[0]``,
+    cased and punctuated) when present, else its ``text``. Word timings (seconds from the cut's start) when
+    every supervision with text has a word alignment (``alignment["word"]``, whose times lhotse counts from
+    the recording's start) of exactly its text's words, inside the cut; else None (``--align`` can time them).
+    """
+    texts: list[str] = []
+    words: list[list[Any]] | None = []
+    for sup in sorted(cut.supervisions, key=lambda s: _seconds(s.start)):
+        book = sup.custom.get("texts") if isinstance(sup.custom, dict) else None
+        value = book[0] if isinstance(book, list) and book else sup.text
+        if value is not None and not isinstance(value, str):
+            raise Rejected(BAD_RECORD)
+        tokens = (value or "").split()
+        if not tokens:
+            continue
+        texts.append(" ".join(tokens))
+        items = [a for a in (sup.alignment or {}).get("word") or [] if a.symbol.strip()]
+        if words is None or len(items) != len(tokens):
+            words = None
+            continue
+        for token, item in zip(tokens, items, strict=True):
+            lo, hi = _seconds(item.start) - cut.start, _seconds(item.start) + _seconds(item.duration) - cut.start
+            words.append([token, round(lo, 6), round(hi, 6)])
+    if words and not all(-RANGE_SLACK_S <= lo <= hi <= cut.duration + RANGE_SLACK_S for _, lo, hi in words):
+        words = None
+    return _text(" ".join(texts)), words or None
+
+
+def _cut_doc(recording_id: str) -> str:
+    """LibriHeavy: the folder of the recording (``small/100/sea_fairies_.../01_baum_...`` ->
+    ``small/100/sea_fairies_...``: one reading of a book, where ``custom.text_path`` would merge a book's
+    readers); Emilia's recipe: the source recording of a window (``EN_B00000_S00000_W000001`` ->
+    ``EN_B00000_S00000``, as for its tars); else the recording itself."""
+    if "/" in recording_id:
+        return recording_id.rsplit("/", 1)[0]
+    window = _WINDOW_ID.fullmatch(recording_id)
+    return window[1] if window else recording_id
 
 
 def _emilia_record(meta: dict | Rejected | None, byte_range: tuple[int, int] | None, where: str, key: str,
@@ -517,6 +612,13 @@ def _words(value: Any) -> list[list[Any]] | None:
     if not ok:
         raise Rejected(BAD_RECORD)
     return [[w, float(s), float(e)] for w, s, e in value]
+
+
+def _seconds(value: Any) -> float:
+    """A time in seconds from a lhotse object (which does not check types); bad_record if not a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Rejected(BAD_RECORD)
+    return float(value)
 
 
 def _valid_range(start: float | None, end: float | None) -> bool:

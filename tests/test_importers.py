@@ -1,5 +1,5 @@
-"""Importers for the paper's corpora: LibriHeavy cut manifests, Emilia WebDataset tars, and text corpora as
-the ``datasets`` library writes them (parquet, JSONL, gzipped JSONL), on tiny fixtures in those formats."""
+"""Importers for the paper's corpora: LibriHeavy cut manifests (through lhotse), Emilia WebDataset tars, and text
+corpora as the ``datasets`` library writes them (parquet, JSONL, gzipped JSONL), on tiny fixtures in those formats."""
 
 from __future__ import annotations
 
@@ -72,8 +72,8 @@ def test_libriheavy_cuts_become_books_cut_from_their_chapters(tmp_path):
     ch1, ch2, oz = audio
     absolute = str(tmp_path / f"download/librilight/{oz}.flac")
     rel = lambda rec: f"download/librilight/{rec}.flac"  # noqa: E731
-    streamed = cut(ch2, rel(ch2), 2.0, 0.5, "Streamed.", 5)
-    streamed["recording"]["sources"] = [{"type": "url", "channels": [0], "source": "https://x.org/y.flac"}]
+    padding = {"id": "pad", "duration": 0.5, "sampling_rate": sr, "feat_value": -23.0, "num_samples": 8000,
+               "type": "PaddingCut"}  # a lhotse cut without a recording
     lines = [
         cut(ch2, rel(ch2), 0.5, 1.0, "Chapter two begins.", 3),
         cut(oz, absolute, 2.0, 1.001, "Dorothy lived in Kansas.", 1, num_samples=48008),  # ends 0.5 ms late
@@ -82,12 +82,12 @@ def test_libriheavy_cuts_become_books_cut_from_their_chapters(tmp_path):
         cut(ch1, "download/librilight/gone.flac", 2.0, 0.5, "No audio.", 9),                       # missing_file
         '{"id": "broken", "start": 1.0,',                                                          # bad JSON
         cut(ch2, rel(ch2), 2.0, 0.5, "   ", 4),                                                   # empty_text
-        streamed,                                                                                 # unsupported_cut
+        padding,                                                                                  # unsupported_cut
         cut(ch1, rel(ch1), 0.0, 1.0, "The little girl was thoughtful.", 1),                      # duplicate_key
     ]
     manifest = write_gz(tmp_path / "libriheavy_cuts_small.jsonl.gz", lines)
     out = tmp_path / "out"
-    assert detect_format(manifest) == "libriheavy"
+    assert detect_format(manifest) == "lhotse"
     assert build("--input", manifest, "--out", out, "--chunk-segments", 2) == 0
 
     got = chunks(out)
@@ -104,7 +104,10 @@ def test_libriheavy_cuts_become_books_cut_from_their_chapters(tmp_path):
     assert index["docs"] == 2 and index["segments"] == 4
     assert index["rejects"] == {"duplicate_key": 1, "empty_text": 1, "missing_file": 1, "undecodable_text": 1,
                                 "unsupported_cut": 1}
-    assert {r["input"]: r["reason"] for r in rejects(out)}[f"{manifest}:6"] == "undecodable_text"
+    listed = {r["input"]: r["reason"] for r in rejects(out)}
+    assert listed[f"{manifest}:6"] == "undecodable_text"   # no cut id to name: the line is not JSON
+    assert listed[f"{manifest}:5 ({ch1}_9)"] == "missing_file" and listed[f"{manifest}:8 (pad)"] == "unsupported_cut"
+    assert listed[f"{manifest}:9 ({ch1}_1)"] == "duplicate_key"
 
 
 def test_libriheavy_extracted_cuts_with_audio_root(tmp_path):
@@ -128,7 +131,7 @@ def test_libriheavy_extracted_cuts_with_audio_root(tmp_path):
     assert [r["reason"] for r in rejects(tmp_path / "bad")] == ["missing_file", "missing_file"]
 
     out = tmp_path / "out"
-    assert build("--input", manifest, "--out", out, "--format", "libriheavy", "--audio-root", tmp_path,
+    assert build("--input", manifest, "--out", out, "--format", "lhotse", "--audio-root", tmp_path,
                  "--sr", 16000) == 0
     segs = chunks(out)[0].segments
     assert [s.text for s in segs] == ["First.", "Second, later."] and [len(s.audio) for s in segs] == [16000] * 2
