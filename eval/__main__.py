@@ -7,7 +7,7 @@ Reads ``runs/<name>/round-R/export`` (plain torch, no DeepSpeed) and the origina
 (``model.llm.path``, the teacher), both in ``model.llm.dtype`` (auto: bf16 on GPUs, fp32 on CPUs; one dtype for
 both, so that the gap does not measure precision); writes ``runs/<name>/round-R/eval.json``::
 
-    {"tasks": {task: {teacher_text, student_text, student_speech, gap, text_gap, n, ci95, M}},
+    {"tasks": {task: {teacher_text, student_text, student_speech, gap, text_gap, n, ci95, M, norm, shots, fewshot}},
      "cascade": {task: accuracy}, "cascade_wer": {task: word error rate},      (students with a CTC head)
      "M": float, "F": float,                                                    (with eval.heldout)
      "coverage": {task: share of the natural speech}}                           (with eval.coverage)
@@ -16,9 +16,14 @@ Cascade reference (the paper's ASR + LLM cascade, ``eval.cascade``): where the s
 (``loss.ctc_weight > 0`` or the export's ``adapter.compress: ctc``), every spoken context, the examples' too,
 is greedy-decoded along the student's CTC path (``SpeechLM.transcribe``) to LLM tokens, turned into text, and
 the teacher scores the same k-shot prompt as in teacher_text built from those words. "cascade_wer" is the word
-error rate of the decoded contexts against the benchmark's text (lower case, punctuation dropped). Without a
+error rate of the decoded contexts against the benchmark's spoken text (lower case, punctuation dropped). Without a
 CTC head neither key is written. A task's "M" is the misalignment where the benchmark decides: KL(student after
 the text prompt || student after the spoken prompt) over the right answer's tokens, averaged over its items.
+
+How a task was scored is recorded beside its numbers: "norm" (``eval.tasks[].norm``, else ``eval.norm``: "none" is
+lm-eval-harness's acc, "chars" its acc_norm, "tokens" per token), "shots" and "fewshot", the file the examples came
+from (``eval.tasks[].fewshot_path``: another split, as lm-eval-harness draws them) or "scored split" (the task's
+other items). Only an item's spoken part is spoken: its template words ("Question: ", "\\nAnswer:") stay text.
 
 Deterministic: the same export gives the same bytes in a fresh process, for the same launcher (world size)
 and thread count (float sums follow the threads' split: 1 and 2 CPU threads differ by ~1e-6 in a
@@ -54,26 +59,32 @@ def parser() -> argparse.ArgumentParser:
 
 def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, rank: int, world: int,
                   cascade: bool) -> tuple[dict, dict | None]:
-    """The task's metrics per mode, and with ``cascade`` the cascade's accuracy and word error rate."""
+    """The task's metrics per mode and how it was scored ("norm", "shots", "fewshot"), and with ``cascade`` the
+    cascade's accuracy and word error rate."""
     from rich.progress import Progress
 
     from eval.benchmarks import read_items
     from eval.cascade import summarise, transcribe_contexts, word_errors
-    from eval.mcq import CASCADE, LM, MODES, correct_by_mode, encode_contexts, shots_for
-    from eval.spoken import build_spoken, load_spoken
+    from eval.mcq import CASCADE, LM, MODES, correct_by_mode, draw_shots, encode_contexts
+    from eval.spoken import build_spoken, load_spoken, shot_items, shots_folder
 
     items = read_items(task.path)
     if task.limit:
         items = items[: task.limit]
-    spoken_dir = Path(cfg.eval.spoken_dir or cfg.run.folder().spoken) / task.name
-    build_spoken(items, spoken_dir, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers, (rank, world),
-                 distributed.barrier)
-    audio = load_spoken(spoken_dir)
-    missing = [it.id for it in items if it.id not in audio]
-    if missing:
-        raise ValueError(f"{spoken_dir}: no speech for items {missing[:5]} (see its rejects.jsonl)")
+    pool = shot_items(read_items(task.fewshot_path)) if task.fewshot_path else None
+    shots = draw_shots(items, task.shots, cfg.seed, pool)
+    spoken_base = Path(cfg.eval.spoken_dir or cfg.run.folder().spoken)
+    spoken = [(items, spoken_base / task.name)]
+    if pool is not None:   # the examples drawn from the other split, spoken into a set of their own
+        used = list({it.id: it for row in shots for it in row}.values())
+        spoken += [(used, shots_folder(spoken_base, task.name, used))] if used else []
+    audio = {}
+    for group, folder in spoken:
+        build_spoken(group, folder, cfg.eval.tts, student.encoder.sample_rate, cfg.eval.workers, (rank, world),
+                     distributed.barrier)
+        audio |= load_spoken(folder, group)
     mine = list(range(rank, len(items), world))
-    shots = {i: shots_for(items, i, task.shots, cfg.seed) for i in mine}
+    norm = task.norm or cfg.eval.norm
     teacher, llm = LM.of(student.teacher), LM.of(student.llm)
     lms = {"teacher_text": teacher, "student_text": llm, "student_speech": llm}
     # every context this rank's prompts hear, encoded once: for the speech prompts and the cascade's decoding
@@ -86,8 +97,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, rank: int, wo
     with Progress(disable=rank != 0, transient=True) as bar:
         job = bar.add_task(f"eval {task.name}", total=len(mine))
         for i in mine:
-            row = correct_by_mode(student, lms, items[i], shots[i], tokenizer, audio, cfg.eval.norm,
-                                  transcripts, encoded)
+            row = correct_by_mode(student, lms, items[i], shots[i], tokenizer, audio, norm, transcripts, encoded)
             if transcripts is not None:
                 row["errors"], row["words"] = word_errors(items[i].context, transcripts[items[i].id])
             rows.append((i, row))
@@ -95,6 +105,7 @@ def evaluate_task(cfg: ExperimentConfig, task, student, tokenizer, rank: int, wo
     rows = [row for _, row in sorted(distributed.gather_lists(rows), key=lambda r: r[0])]
     metrics = task_metrics({m: [r[m] for r in rows] for m in MODES}, cfg.eval.bootstrap, cfg.seed)
     metrics["M"] = sum(r["M"] for r in rows) / len(rows)
+    metrics |= {"norm": norm, "shots": task.shots, "fewshot": task.fewshot_path or "scored split"}
     return metrics, summarise(rows) if cascade else None
 
 

@@ -1,25 +1,33 @@
-"""Multiple-choice benchmarks: one JSONL schema, and converters from the files `datasets` writes.
+"""Multiple-choice benchmarks: one JSONL schema, and converters from the benchmarks' published files.
 
 Every benchmark becomes one item per line::
 
-    {"id": str, "task": str, "context": str, "choices": [str, ...], "answer": int}
+    {"id": str, "task": str, "context": str, "choices": [str, ...], "answer": int, "prefix"?: str, "suffix"?: str}
 
-``context`` is everything before the choice (the question or the story so far) and ``choices`` are
-continuations exactly as they follow it, with their leading space, so a scorer only concatenates
-``context + choice``. ``answer`` indexes ``choices``.
+``prefix + context + suffix`` is everything before the choice (the question or the story so far); ``context``
+alone is what the spoken version speaks, and ``prefix`` / ``suffix`` are the template's words around it
+("Question: ", "\\nAnswer:"), which stay text in every mode (absent when empty). ``choices`` are continuations
+exactly as they follow it, with their leading space, so a scorer only concatenates ``text + choice``.
+``answer`` indexes ``choices``.
 
-The converters read what ``Dataset.to_parquet`` / ``Dataset.to_json`` write for the Hub datasets
-(field names as on the Hub) and format contexts and choices the way lm-evaluation-harness's task
-templates do, so that text accuracies are comparable with published numbers:
+The converters read the files the benchmarks are published as (what ``Dataset.to_parquet`` / ``to_json``
+write, with the Hub's field names; StoryCloze's Rochester CSV) and format contexts and choices the way
+lm-evaluation-harness's task configs do, so that text accuracies are comparable with published numbers:
 
-    storycloze     story_cloze 2016 / xstory_cloze   the four sentences joined by " "
-    mmsu           hlt-lab/voicebench, mmsu          "Question: {question}\\nAnswer:" (MMLU continuation)
-    openbookqa     allenai/openbookqa, main          "{question_stem}"
-    hellaswag      Rowan/hellaswag                   "{activity_label}: {ctx_a} {Ctx_b}", [title] cleaned
-    arc_challenge  allenai/ai2_arc, ARC-Challenge    "Question: {question}\\nAnswer:"
-    piqa           ybisk/piqa                        "Question: {goal}\\nAnswer:"
+    storycloze     Rochester CSV / story_cloze 2016     the four sentences joined by " "
+    mmsu           hlt-lab/voicebench mmsu (a split     "Question: " {question} "\\nAnswer:" (MMLU continuation)
+                   per subject), or MMLU-Pro fields
+    openbookqa     allenai/openbookqa, main             {question_stem}
+    hellaswag      Rowan/hellaswag, validation          "{activity_label}: {ctx_a} {Ctx_b}", [title] cleaned
+    arc_challenge  allenai/ai2_arc, ARC-Challenge       "Question: " {question} "\\nAnswer:"
+    piqa           ybisk/piqa, validation               "Question: " {goal} "\\nAnswer:"
 
-Each choice is ``" " + text.strip()`` (the harness's target delimiter is one space).
+Each choice is ``" " + text.strip()`` (the harness's target delimiter is one space). HellaSwag's and PIQA's
+test splits carry no labels (the `datasets` loaders fill in "" and -1): converting one stops with an error
+that names the split; lm-evaluation-harness and published results score their validation splits.
+
+``--input`` is a file (.parquet, .jsonl, .json, .csv) or a folder of them (VoiceBench's mmsu: one file per
+subject, ``biology-00000-of-00001.parquet``; the file name, less that shard suffix, names the subject).
 
     python -m eval.benchmarks --task arc_challenge --input test.parquet --out arc_challenge.jsonl
 """
@@ -27,6 +35,9 @@ Each choice is ``" " + text.strip()`` (the harness's target delimiter is one spa
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import itertools
 import json
 import re
 import reprlib
@@ -43,6 +54,8 @@ import pyarrow.parquet as pq
 from shards.format import atomic_write_bytes
 
 SKIP_COLUMNS = frozenset({"audio"})  # VoiceBench's waveforms: large and never needed for the text
+TEMPLATE = ("prefix", "suffix")      # MCQItem's optional fields: the template's words around the spoken context
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
 
 
 class BenchmarkError(ValueError):
@@ -63,15 +76,20 @@ def _short(value: Any) -> str:
 class MCQItem:
     id: str
     task: str
-    context: str
+    context: str              # the spoken part (the whole context when the task has no template)
     choices: list[str]
     answer: int
+    prefix: str = ""          # template words before the context ("Question: "): text in every mode
+    suffix: str = ""          # template words after it ("\nAnswer:")
 
     def __post_init__(self) -> None:
         for name in ("id", "task", "context"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 _fail(name, f"expected a non-empty string, got {_short(value)}")
+        for name in TEMPLATE:
+            if not isinstance(getattr(self, name), str):
+                _fail(name, f"expected a string, got {_short(getattr(self, name))}")
         if not isinstance(self.choices, list) or len(self.choices) < 2:
             _fail("choices", f"expected a list of at least 2 strings, got {_short(self.choices)}")
         for k, choice in enumerate(self.choices):
@@ -82,11 +100,20 @@ class MCQItem:
         if not 0 <= self.answer < len(self.choices):
             _fail("answer", f"{self.answer} is out of range for {len(self.choices)} choices")
 
+    @property
+    def text(self) -> str:
+        """The context as a text prompt reads it: template words and the spoken part."""
+        return self.prefix + self.context + self.suffix
+
+    def to_dict(self) -> dict[str, Any]:
+        """The item's JSON object; empty template fields are left out (files without a template stay as they were)."""
+        return {k: v for k, v in asdict(self).items() if k not in TEMPLATE or v}
+
     @classmethod
     def from_dict(cls, obj: dict[str, Any]) -> MCQItem:
         names = [f.name for f in fields(cls)]
         for name in names:
-            if name not in obj:
+            if name not in obj and name not in TEMPLATE:
                 _fail(name, "missing")
         for name in obj:
             if name not in names:
@@ -110,7 +137,7 @@ def write_items(path: str | Path, items: list[MCQItem]) -> None:
         _check_unique(items)
     except BenchmarkError as exc:
         raise BenchmarkError(f"{path}: {exc}") from None
-    lines = [json.dumps(asdict(item), ensure_ascii=False) + "\n" for item in items]
+    lines = [json.dumps(item.to_dict(), ensure_ascii=False) + "\n" for item in items]
     atomic_write_bytes(path, "".join(lines).encode("utf-8"))
 
 
@@ -181,16 +208,48 @@ def _json_records(path: Path) -> Iterator[dict[str, Any]]:
                 raise BenchmarkError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
 
 
+def _csv_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV with a header line (StoryCloze's Rochester files), read as the `story_cloze` loader reads
+    them: comma separated, quoted fields, spaces after a comma skipped; every value a string. Strict: a broken
+    quote stops with the line instead of swallowing the lines after it."""
+    reader = csv.DictReader(io.StringIO(_read_text(path).removeprefix("\ufeff")), skipinitialspace=True, strict=True)
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise BenchmarkError(f"{path}:{reader.line_num}: invalid CSV ({exc})") from None
+
+
+READERS: dict[str, Callable[[Path], Iterator[dict[str, Any]]]] = {
+    ".parquet": _parquet_records, ".jsonl": _json_records, ".json": _json_records, ".csv": _csv_records}
+
+
 def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The rows of a ``.parquet``, ``.jsonl`` or ``.json`` file written by `datasets`, in order."""
+    """The rows of one ``.parquet``, ``.jsonl``, ``.json`` (written by `datasets`) or ``.csv`` file, in order."""
     path = Path(path)
     if not path.is_file():
         raise BenchmarkError(f"{path}: no such file")
-    if path.suffix == ".parquet":
-        return _parquet_records(path)
-    if path.suffix in (".jsonl", ".json"):
-        return _json_records(path)
-    raise BenchmarkError(f"{path}: unknown format {path.suffix!r} (expected .parquet, .jsonl or .json)")
+    if path.suffix not in READERS:
+        raise BenchmarkError(f"{path}: unknown format {path.suffix!r} (expected {', '.join(DATA_SUFFIXES)})")
+    return READERS[path.suffix](path)
+
+
+def source_files(path: str | Path) -> list[Path]:
+    """``path`` itself, or the data files under a folder in name order (a dataset published one file per
+    split, as VoiceBench's mmsu with one split per subject, or the Hub's ``<split>/0000.parquet``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in READERS)
+    if not found:
+        raise BenchmarkError(f"{path}: no data files in the folder (expected {', '.join(DATA_SUFFIXES)})")
+    return found
+
+
+def split_name(path: Path) -> str:
+    """The split a data file holds, from its name: ``biology-00000-of-00001.parquet`` -> ``biology``, and the
+    folder for the Hub's converted ``biology/0000.parquet``."""
+    name = re.sub(r"-\d+-of-\d+$", "", path.stem)
+    return path.parent.name if name.isdigit() and path.parent.name else name
 
 
 # ----------------------------------------------------------------------------- field access
@@ -245,19 +304,63 @@ def _item_id(rec: dict[str, Any], index: int, *names: str) -> str:
     return str(value)
 
 
-def _item(task: str, item_id: str, context: str, choices: list[str], answer: int) -> MCQItem:
+QUESTION = ("Question: ", "\nAnswer:")   # lm-evaluation-harness's QA template: ARC, PIQA, MMLU
+
+
+def _item(task: str, item_id: str, context: str, choices: list[str], answer: int,
+          template: tuple[str, str] = ("", "")) -> MCQItem:
     return MCQItem(id=item_id, task=task, context=context, choices=[" " + c.strip() for c in choices],
-                   answer=answer)
+                   answer=answer, prefix=template[0], suffix=template[1])
 
 
-def _question(text: str) -> str:
-    return f"Question: {text.strip()}\nAnswer:"
+def _require_label(rec: dict[str, Any], name: str, dataset: str, split: str) -> None:
+    """Stop on a record of a split whose labels are not published (the `datasets` loaders fill in "" for
+    HellaSwag's test split and -1 for PIQA's), naming the split: published results score the validation split."""
+    value = rec.get(name)
+    if value is None or str(value).strip() in ("", "-1"):
+        _fail(name, f"{_short(value)}: {dataset}'s {split!r} split carries no labels (they are not published); "
+                    "convert the validation split, which lm-evaluation-harness and published results score")
+
+
+_MARK = re.compile(r"(?:^|(?<=\s))\(?([A-J])[.):](?=\s)")   # an option's letter: "A. ", "(A) ", "A) ", "A: "
+
+
+def _lettered(text: str) -> tuple[str, list[str]]:
+    """(question, options) of a prompt that lists its options lettered after it ("... A. x B. y" or one per
+    line). Of the chains A, B, C, ... (each letter the first after the one before) the longest, and of those the
+    last, wins: a question that says "vitamin A." does not start the options."""
+    marks = list(_MARK.finditer(text))
+    best: list[re.Match] = []   # stays empty unless a chain has two options or more
+    for start in (m for m in marks if m.group(1) == "A"):
+        chain = [start]
+        for letter in string.ascii_uppercase[1:10]:
+            following = next((m for m in marks if m.group(1) == letter and m.start() >= chain[-1].end()), None)
+            if following is None:
+                break
+            chain.append(following)
+        if len(chain) >= max(2, len(best)):
+            best = chain
+    if best:
+        ends = [m.start() for m in best[1:]] + [len(text)]
+        options = [text[m.end(): end].strip() for m, end in zip(best, ends, strict=True)]
+        question = text[: best[0].start()].strip()
+        if question and all(options):
+            return question, options
+    _fail("prompt", f"expected a question and then lettered options (A. ..., B. ...), got {_short(text)}")
+
+
+def _subject(rec: dict[str, Any], split: str) -> str:
+    """An MMLU subject as a name: the record's ``subject`` or ``category`` (MMLU-Pro), else its split's."""
+    value = next((rec[n] for n in ("subject", "category") if isinstance(rec.get(n), str) and rec[n].strip()), split)
+    return re.sub(r"\W+", "_", value.strip().lower())
 
 
 # ----------------------------------------------------------------------------- converters
+# Each reads one record of a published file, its position in the file and the file's split (split_name).
 
-def storycloze(rec: dict[str, Any], index: int) -> MCQItem:
-    """story_cloze 2016 and xstory_cloze fields; the original ROCStories CSV headers as aliases."""
+def storycloze(rec: dict[str, Any], index: int, split: str) -> MCQItem:
+    """The `story_cloze` 2016 loader's fields, or the Rochester CSV's own header (InputStoryid,
+    InputSentence1-4, RandomFifthSentenceQuiz1-2, AnswerRightEnding: 1 or 2)."""
     sentences = [_text(rec, f"input_sentence_{k}", f"InputSentence{k}").strip() for k in range(1, 5)]
     endings = [_text(rec, f"sentence_quiz{k}", f"RandomFifthSentenceQuiz{k}") for k in (1, 2)]
     answer = _label_index(rec, ["1", "2"], "answer_right_ending", "AnswerRightEnding")
@@ -265,22 +368,21 @@ def storycloze(rec: dict[str, Any], index: int) -> MCQItem:
                  answer)
 
 
-def mmsu(rec: dict[str, Any], index: int) -> MCQItem:
-    """VoiceBench's MMSU (MMLU-Pro questions): question, option_a.., answer letter; audio is ignored."""
-    letters = string.ascii_lowercase
-    options = []
-    for letter in letters:
-        if rec.get(f"option_{letter}") is None:
-            break
-        options.append(_text(rec, f"option_{letter}"))
-    if len(options) < 2:
-        _fail(f"option_{letters[len(options)]}", "missing")
-    answer = _label_index(rec, [c.upper() for c in letters[:len(options)]], "answer", "reference")
-    return _item("mmsu", _item_id(rec, index, "question_id", "id"), _question(_text(rec, "question")), options,
-                 answer)
+def mmsu(rec: dict[str, Any], index: int, split: str) -> MCQItem:
+    """VoiceBench's mmsu (MMLU-Pro questions, one split per subject): ``prompt``, the question and its lettered
+    options as spoken, and ``reference``, the right letter; ``audio`` is never read. Or MMLU-Pro's own fields:
+    ``question``, ``options``, ``answer`` (letter). The subject names the task and prefixes the id."""
+    subject = _subject(rec, split)
+    if rec.get("options") is not None:
+        question, options, key = _text(rec, "question"), _text_list("options", rec["options"]), ("answer",)
+    else:
+        (question, options), key = _lettered(_text(rec, "prompt")), ("reference", "answer")
+    answer = _label_index(rec, list(string.ascii_uppercase[: len(options)]), *key)
+    return _item(f"mmsu_{subject}", f"{subject}-{_item_id(rec, index, 'question_id', 'id')}", question.strip(),
+                 options, answer, QUESTION)
 
 
-def openbookqa(rec: dict[str, Any], index: int) -> MCQItem:
+def openbookqa(rec: dict[str, Any], index: int, split: str) -> MCQItem:
     texts, labels = _labelled_choices(rec)
     return _item("openbookqa", _item_id(rec, index, "id"), _text(rec, "question_stem").strip(), texts,
                  _label_index(rec, labels, "answerKey"))
@@ -292,7 +394,7 @@ def _hellaswag_clean(text: str) -> str:
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
-def hellaswag(rec: dict[str, Any], index: int) -> MCQItem:
+def hellaswag(rec: dict[str, Any], index: int, split: str) -> MCQItem:
     """``ctx_a + " " + ctx_b.capitalize()`` (or ``ctx``), after ``activity_label: `` when present."""
     if _get(rec, "ctx_a", "ctx")[0] == "ctx_a":
         ctx = _text(rec, "ctx_a") + " " + _text(rec, "ctx_b", empty=True).capitalize()
@@ -302,24 +404,26 @@ def hellaswag(rec: dict[str, Any], index: int) -> MCQItem:
     if isinstance(label, str) and label.strip():
         ctx = f"{label}: {ctx}"
     endings = _text_list("endings", _get(rec, "endings")[1])
+    _require_label(rec, "label", "HellaSwag", rec.get("split") or split)
     answer = _label_index(rec, [str(k) for k in range(len(endings))], "label")
     return _item("hellaswag", _item_id(rec, index, "ind"), _hellaswag_clean(ctx),
                  [_hellaswag_clean(e) for e in endings], answer)
 
 
-def arc_challenge(rec: dict[str, Any], index: int) -> MCQItem:
+def arc_challenge(rec: dict[str, Any], index: int, split: str) -> MCQItem:
     """answerKey is a letter or, for some questions, a digit; it is looked up in choices.label."""
     texts, labels = _labelled_choices(rec)
-    return _item("arc_challenge", _item_id(rec, index, "id"), _question(_text(rec, "question")), texts,
-                 _label_index(rec, labels, "answerKey"))
+    return _item("arc_challenge", _item_id(rec, index, "id"), _text(rec, "question").strip(), texts,
+                 _label_index(rec, labels, "answerKey"), QUESTION)
 
 
-def piqa(rec: dict[str, Any], index: int) -> MCQItem:
-    return _item("piqa", _item_id(rec, index, "id"), _question(_text(rec, "goal")),
-                 [_text(rec, "sol1"), _text(rec, "sol2")], _label_index(rec, ["0", "1"], "label"))
+def piqa(rec: dict[str, Any], index: int, split: str) -> MCQItem:
+    _require_label(rec, "label", "PIQA", split)
+    return _item("piqa", _item_id(rec, index, "id"), _text(rec, "goal").strip(),
+                 [_text(rec, "sol1"), _text(rec, "sol2")], _label_index(rec, ["0", "1"], "label"), QUESTION)
 
 
-CONVERTERS: dict[str, Callable[[dict[str, Any], int], MCQItem]] = {
+CONVERTERS: dict[str, Callable[[dict[str, Any], int, str], MCQItem]] = {
     "storycloze": storycloze,
     "mmsu": mmsu,
     "openbookqa": openbookqa,
@@ -330,22 +434,22 @@ CONVERTERS: dict[str, Callable[[dict[str, Any], int], MCQItem]] = {
 
 
 def convert(task: str, src: str | Path, out: str | Path, limit: int | None = None) -> int:
-    """Convert a `datasets` export of ``task`` into a benchmark file; returns the number of items written."""
+    """Convert a benchmark's published file, or folder of files (one per split), into a benchmark file; returns
+    the number of items written."""
     if task not in CONVERTERS:
         raise BenchmarkError(f"unknown task {task!r} (known: {', '.join(CONVERTERS)})")
     if limit is not None and limit < 1:
         raise BenchmarkError(f"limit must be at least 1, got {limit}")
     make = CONVERTERS[task]
+    records = ((path, index, rec) for path in source_files(src) for index, rec in enumerate(read_records(path)))
     items = []
-    for index, rec in enumerate(read_records(src)):
-        if limit is not None and index >= limit:
-            break
+    for path, index, rec in itertools.islice(records, limit):
         try:
             if not isinstance(rec, dict):
                 raise BenchmarkError(f"expected an object, got {type(rec).__name__}")
-            items.append(make(rec, index))
+            items.append(make(rec, index, split_name(path)))
         except BenchmarkError as exc:
-            raise BenchmarkError(f"{src}: record {index}: {exc}") from None
+            raise BenchmarkError(f"{path}: record {index}: {exc}") from None
     if not items:
         raise BenchmarkError(f"{src}: no records")
     try:
@@ -361,7 +465,9 @@ def convert(task: str, src: str | Path, out: str | Path, limit: int | None = Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.benchmarks", description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, choices=list(CONVERTERS))
-    p.add_argument("--input", type=Path, required=True, help=".parquet, .jsonl or .json written by `datasets`")
+    p.add_argument("--input", type=Path, required=True,
+                   help="the published file (.parquet, .jsonl, .json as `datasets` writes them, .csv), or a folder of "
+                        "them, one per split (VoiceBench's mmsu: one per subject)")
     p.add_argument("--out", type=Path, required=True, help="benchmark file to write (.jsonl)")
     p.add_argument("--limit", type=int, default=None, help="convert only the first N records")
     a = p.parse_args(argv)

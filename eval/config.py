@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 from config import require
 from shards.tts import TTSConfig
+
+# How choices are compared (eval.mcq.normalise): summed log-probability (lm-eval-harness's acc), per token, or per
+# character (lm-eval-harness's acc_norm).
+Norm = Literal["none", "tokens", "chars"]
+NORMS: tuple[str, ...] = get_args(Norm)
 
 
 @dataclass
@@ -15,6 +20,10 @@ class TaskRef:
     path: str                 # benchmark JSONL in the eval schema (eval.benchmarks)
     shots: int = 5
     limit: int = 0            # 0: all items
+    # benchmark JSONL the examples are drawn from: another split than the scored one, as lm-eval-harness draws them
+    # (its training split, else validation); "": the scored file's other items
+    fewshot_path: str = ""
+    norm: Literal["", "none", "tokens", "chars"] = ""   # "": eval.norm
 
     def __post_init__(self) -> None:
         require(self.shots >= 0, "shots", "must be >= 0")
@@ -28,7 +37,7 @@ class EvalConfig:
     spoken_dir: str = ""      # spoken benchmark shards; default <run dir>/spoken
     heldout: str = ""         # speech shard set (held out from training) for M and F
     heldout_docs: int = 32
-    norm: Literal["tokens", "chars"] = "tokens"
+    norm: Norm = "tokens"     # every task's, unless it names its own
     bootstrap: int = 1000
     workers: int = 1          # TTS processes when building spoken benchmarks
     # JSON {"shares": {task: share of the natural speech that speaks the task's domain}} (the toy's speech/

@@ -1,13 +1,14 @@
 """k-shot multiple-choice scoring in three modes, teacher_text, student_text, student_speech, and the cascade.
 
-Each choice is scored as a continuation of the prompt by its log-probability divided by its length
-(tokens, or characters as lm-eval-harness's acc_norm); the argmax wins. The prompt is run once and
-its KV cache is shared by all choices of the item (one batched pass over the choices).
+Each choice is scored as a continuation of the prompt by its log-probability, as it is ("none", lm-eval-harness's
+acc) or divided by its length ("tokens", or "chars" as lm-eval-harness's acc_norm); the argmax wins. The prompt is
+run once and its KV cache is shared by all choices of the item (one batched pass over the choices).
 
-Prompt = k solved examples (context + right answer, blank line between) + the item's context. In
-speech mode every context (examples' and the item's) is spoken; answers and choices stay text. The
-cascade (``eval.cascade``) is teacher_text with every context replaced by the words the student decoded
-from its speech.
+Prompt = k solved examples (context + right answer, blank line between) + the item's context. The examples come
+from another split when the task names one (``eval.tasks[].fewshot_path``, as lm-eval-harness draws them), else
+from the task's other items. In speech mode every context (examples' and the item's) is spoken; its template words
+("Question: ", "\\nAnswer:": ``MCQItem.prefix``, ``suffix``), answers and choices stay text. The cascade
+(``eval.cascade``) is teacher_text with every spoken part replaced by the words the student decoded from its speech.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.benchmarks import MCQItem
+from eval.config import NORMS
 from model.inputs import SPEECH, TEXT, Document, Span
 from model.speech_lm import LM, AdapterOutput, SpeechLM
 
@@ -27,22 +29,36 @@ CASCADE = "cascade"
 SEPARATOR = "\n\n"
 
 
-def shots_for(items: list[MCQItem], index: int, k: int, seed: int) -> list[MCQItem]:
-    """k solved examples for item ``index``: other items of the task, chosen by a seeded RNG per item."""
-    others = [i for i in range(len(items)) if i != index]
+def shots_for(items: list[MCQItem], index: int, k: int, seed: int, pool: list[MCQItem] | None = None,
+              skip: int | None = None) -> list[MCQItem]:
+    """k solved examples for item ``index``, chosen by a seeded RNG per item: other items of the task, or with
+    ``pool`` (another split) its items but ``pool[skip]`` (the item itself, where the pool holds it too)."""
+    source, skip = (items, index) if pool is None else (pool, skip)
+    n = len(source) - (skip is not None)
     rng = np.random.default_rng([seed, index])
-    picks = rng.choice(len(others), size=min(k, len(others)), replace=False) if others else []
-    return [items[others[int(i)]] for i in picks]
+    picks = rng.choice(n, size=min(k, n), replace=False) if n > 0 else []
+    return [source[int(j) + (skip is not None and int(j) >= skip)] for j in picks]
+
+
+def draw_shots(items: list[MCQItem], k: int, seed: int, pool: list[MCQItem] | None = None) -> list[list[MCQItem]]:
+    """Every item's examples (``shots_for``); an item that ``pool`` holds too (same text and choices) is never its
+    own example."""
+    where = {(p.text, tuple(p.choices)): j for j, p in enumerate(pool or [])}
+    return [shots_for(items, i, k, seed, pool, where.get((it.text, tuple(it.choices)))) for i, it in enumerate(items)]
 
 
 def prompt_document(item: MCQItem, shots: list[MCQItem], tokenizer, audio: dict[str, np.ndarray] | None,
                     texts: dict[str, str] | None = None) -> Document:
-    """The prompt as spans; with ``audio`` (id -> waveform) contexts are speech spans, else text: the
-    items' own contexts, or with ``texts`` (id -> text, e.g. the cascade's decoded words) those."""
+    """The prompt as spans; with ``audio`` (id -> waveform) spoken parts are speech spans between their template
+    words as text, else each context is one text: the items' own, or with ``texts`` (id -> text, e.g. the
+    cascade's decoded words) those in place of the spoken parts. A text is tokenized whole, as lm-eval-harness
+    tokenizes a context; a prefix's last space is no token before speech (no training text span ends with one)."""
     spans: list[Span] = []
 
     def add(kind: int, text: str, wave: np.ndarray | None = None) -> None:
         ids = tokenizer.encode(text, add_special_tokens=False)
+        if kind == TEXT and not ids:
+            return
         if spans and kind == TEXT and spans[-1].kind == TEXT:
             spans[-1].ids.extend(ids)   # keep one text span: the same tokens as one text, cheaper layout
         else:
@@ -50,9 +66,11 @@ def prompt_document(item: MCQItem, shots: list[MCQItem], tokenizer, audio: dict[
 
     def add_context(it: MCQItem) -> None:
         if audio:
+            add(TEXT, it.prefix.rstrip(" "))
             add(SPEECH, it.context, audio[it.id])
+            add(TEXT, it.suffix)
         else:
-            add(TEXT, texts[it.id] if texts is not None else it.context)
+            add(TEXT, it.prefix + (texts[it.id] if texts is not None else it.context) + it.suffix)
 
     for shot in shots:
         add_context(shot)
@@ -123,8 +141,14 @@ def answer_misalignment(text: torch.Tensor, speech: torch.Tensor) -> float:
 
 
 def normalise(logprobs: torch.Tensor, choices: list[list[int]], texts: list[str], norm: str) -> torch.Tensor:
-    """Length-normalised scores: per token, or per character of the choice text."""
-    lengths = [len(c) for c in choices] if norm == "tokens" else [max(1, len(t)) for t in texts]
+    """The scores compared: summed log-probabilities ("none", lm-eval-harness's acc), per token ("tokens"), or per
+    character of the choice without its leading space ("chars": lm-eval-harness's acc_norm divides by
+    ``len(choice)`` of the choice before its target delimiter)."""
+    if norm == "none":
+        return logprobs
+    if norm not in NORMS:
+        raise ValueError(f"norm: must be one of {list(NORMS)}, got {norm!r}")
+    lengths = [len(c) for c in choices] if norm == "tokens" else [max(1, len(t.removeprefix(" "))) for t in texts]
     return logprobs / torch.tensor(lengths, dtype=logprobs.dtype, device=logprobs.device)
 
 

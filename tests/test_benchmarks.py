@@ -16,7 +16,22 @@ from eval.benchmarks import CONVERTERS, BenchmarkError, MCQItem, convert, main, 
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One or two records per task, in the shapes (and with the field names) of the Hub datasets.
+# One or two records per task, in the shapes (and with the field names) of the published files. Sources read:
+# - storycloze: the `story_cloze` loader (datasets' story_cloze.py: story_id, input_sentence_1-4, sentence_quiz1-2,
+#   answer_right_ending int 1|2) and lm-evaluation-harness lm_eval/tasks/storycloze/storycloze_2016.yaml
+#   (the four sentences joined by " ", target answer_right_ending - 1); the Rochester CSV: test_benchmarks_published.
+# - mmsu: hlt-lab/voicebench, config mmsu, one split per subject (law, engineering, other, biology, business,
+#   economics, health, philosophy, psychology, history, chemistry, physics: fixie-ai/ultravox's VoiceBench configs),
+#   fields prompt, reference (the right letter), audio (lmms-eval lm_eval_tasks/voicebench/voicebench_mmsu_*.yaml:
+#   source_text_column prompt, target_text_column reference); VoiceBench's src/evaluator/mcq.py scores letters A-D.
+#   How the options are laid out inside prompt was not found in any published text: lettered lines are assumed.
+# - openbookqa: allenai/openbookqa main (id, question_stem, choices {text, label}, answerKey);
+#   lm_eval/tasks/openbookqa/openbookqa.yaml (doc_to_text question_stem, answerKey.lstrip()).
+# - hellaswag: the `hellaswag` loader (ind, activity_label, ctx_a, ctx_b, ctx, endings, source_id, split, split_type,
+#   label str); lm_eval/tasks/hellaswag/hellaswag.yaml + utils.py (preprocess, activity_label + ": " + ctx).
+# - arc_challenge: allenai/ai2_arc (id, question, choices {text, label}, answerKey); lm_eval/tasks/arc/arc_easy.yaml
+#   ("Question: {{question}}\nAnswer:", choices.label.index(answerKey)).
+# - piqa: the `piqa` loader (goal, sol1, sol2, label int; no id); lm_eval/tasks/piqa/piqa.yaml.
 RECORDS = {
     "storycloze": [{
         "story_id": "s-1", "input_sentence_1": "Tom bought a kite.", "input_sentence_2": "He went to the park.",
@@ -24,9 +39,9 @@ RECORDS = {
         "sentence_quiz1": "Tom was happy.", "sentence_quiz2": "Tom hated kites.", "answer_right_ending": 1,
     }],
     "mmsu": [{
-        "question_id": 70, "question": "Which organ pumps blood? ", "option_a": "The liver", "option_b": "The heart",
-        "option_c": "The lung", "option_d": "The skin", "answer": "B", "category": "health",
         "audio": {"bytes": b"RIFF0000WAVE", "path": "70.wav"},
+        "prompt": "Which organ pumps blood? \nA. The liver\nB. The heart\nC. The lung\nD. The skin",
+        "reference": "B",
     }],
     "openbookqa": [{
         "id": "7-980", "question_stem": "The sun is responsible for",
@@ -66,8 +81,8 @@ EXPECTED = {
         "Tom bought a kite. He went to the park. The wind was strong. The kite flew high.",
         [" Tom was happy.", " Tom hated kites."], 0)],
     "mmsu": [MCQItem(
-        "70", "mmsu", "Question: Which organ pumps blood?\nAnswer:",
-        [" The liver", " The heart", " The lung", " The skin"], 1)],
+        "biology-0", "mmsu_biology", "Which organ pumps blood?",
+        [" The liver", " The heart", " The lung", " The skin"], 1, "Question: ", "\nAnswer:")],
     "openbookqa": [MCQItem(
         "7-980", "openbookqa", "The sun is responsible for", [" puppies learning tricks", " plants sprouting"], 1)],
     "hellaswag": [
@@ -77,16 +92,20 @@ EXPECTED = {
                 [" Scrub the grates.", " Eat the brush."], 0),
     ],
     "arc_challenge": [
-        MCQItem("Mercury_7175875", "arc_challenge", "Question: Which gas do plants take in?\nAnswer:",
-                [" oxygen", " carbon dioxide", " helium", " neon"], 1),
-        MCQItem("NYSEDREGENTS_2015_4_8", "arc_challenge", "Question: What melts ice?\nAnswer:",
-                [" heat", " cold", " dark", " wind"], 0),
+        MCQItem("Mercury_7175875", "arc_challenge", "Which gas do plants take in?",
+                [" oxygen", " carbon dioxide", " helium", " neon"], 1, "Question: ", "\nAnswer:"),
+        MCQItem("NYSEDREGENTS_2015_4_8", "arc_challenge", "What melts ice?",
+                [" heat", " cold", " dark", " wind"], 0, "Question: ", "\nAnswer:"),
     ],
     "piqa": [MCQItem(
-        "0", "piqa", "Question: How do I ready a guinea pig cage?\nAnswer:",
+        "0", "piqa", "How do I ready a guinea pig cage?",
         [" Provide the guinea pig with a cage full of a few inches of bedding.",
-         " Provide the guinea pig with a cage full of a few inches of jam."], 0)],
+         " Provide the guinea pig with a cage full of a few inches of jam."], 0, "Question: ", "\nAnswer:")],
 }
+
+
+# file names as published: VoiceBench's mmsu is one file per subject, and the file names the subject
+STEMS = {"mmsu": "biology-00000-of-00001"}
 
 
 def write_parquet(path: Path, records: list[dict]) -> Path:
@@ -123,10 +142,12 @@ def test_every_task_has_a_fixture():
 @pytest.mark.parametrize("task", sorted(RECORDS))
 def test_convert_formats_like_lm_eval_harness(tmp_path, task, fmt):
     writer = write_parquet if fmt == "parquet" else write_jsonl
-    src = writer(tmp_path / f"{task}.{fmt}", RECORDS[task])
+    src = writer(tmp_path / f"{STEMS.get(task, task)}.{fmt}", RECORDS[task])
     out = tmp_path / "out" / f"{task}.jsonl"
     assert convert(task, src, out) == len(RECORDS[task])
     assert read_items(out) == EXPECTED[task]
+    # lm-evaluation-harness's context string, whole: the template words stay in the text the scorer reads
+    assert all(it.text == it.prefix + it.context + it.suffix for it in EXPECTED[task])
 
 
 def test_files_written_by_datasets_convert(tmp_path):
@@ -140,16 +161,6 @@ def test_files_written_by_datasets_convert(tmp_path):
     for name in ("arc.parquet", "arc.jsonl", "arc.json"):
         assert convert("arc_challenge", tmp_path / name, tmp_path / f"{name}.out.jsonl") == 2
         assert read_items(tmp_path / f"{name}.out.jsonl") == EXPECTED["arc_challenge"]
-
-
-def test_storycloze_accepts_rocstories_csv_headers(tmp_path):
-    rec = RECORDS["storycloze"][0]
-    renamed = {"InputStoryid": rec["story_id"], "RandomFifthSentenceQuiz1": rec["sentence_quiz1"],
-               "RandomFifthSentenceQuiz2": rec["sentence_quiz2"], "AnswerRightEnding": 2}
-    renamed.update({f"InputSentence{k}": rec[f"input_sentence_{k}"] for k in range(1, 5)})
-    convert("storycloze", write_jsonl(tmp_path / "sc.jsonl", [renamed]), tmp_path / "out.jsonl")
-    [item] = read_items(tmp_path / "out.jsonl")
-    assert (item.id, item.context, item.answer) == ("s-1", EXPECTED["storycloze"][0].context, 1)
 
 
 def test_hellaswag_ctx_only_and_openbookqa_key_with_space(tmp_path):
@@ -174,15 +185,16 @@ def test_limit_takes_the_first_records(tmp_path):
     ("arc_challenge", {"answerKey": "E"}, 1, "answerKey: 'E' is not one of ['1', '2', '3', '4']"),
     ("arc_challenge", {"choices": {"text": ["a", "b", "c"], "label": ["A", "B"]}}, 0, "choices: 3 texts but 2 labels"),
     ("openbookqa", {"question_stem": ""}, 0, "question_stem: expected a non-empty string"),
-    ("piqa", {"label": -1}, 0, "label: -1 is not one of ['0', '1']"),
+    ("piqa", {"label": 2}, 0, "label: 2 is not one of ['0', '1']"),
     ("storycloze", {"input_sentence_3": None}, 0, "input_sentence_3: missing (also looked for InputSentence3)"),
     ("storycloze", {"answer_right_ending": 3}, 0, "answer_right_ending: 3 is not one of ['1', '2']"),
-    ("hellaswag", {"label": ""}, 1, "label: '' is not one of ['0', '1']"),
+    ("hellaswag", {"label": "4"}, 1, "label: '4' is not one of ['0', '1']"),
     ("hellaswag", {"endings": ["only one"]}, 1, "endings: expected a list of at least 2 strings"),
     ("arc_challenge", {"choices": {"text": "abc", "label": ["A"]}}, 0, "choices.text: expected a list of at"),
     ("hellaswag", {"ctx_a": None, "ctx": None}, 0, "ctx_a: missing (also looked for ctx)"),
-    ("mmsu", {"option_b": None}, 0, "option_b: missing"),
-    ("mmsu", {"answer": "E"}, 0, "answer: 'E' is not one of ['A', 'B', 'C', 'D']"),
+    ("mmsu", {"prompt": "Which organ pumps blood?"}, 0, "prompt: expected a question and then lettered options"),
+    ("mmsu", {"reference": "E"}, 0, "reference: 'E' is not one of ['A', 'B', 'C', 'D']"),
+    ("mmsu", {"reference": None}, 0, "reference: missing (also looked for answer)"),
 ])
 def test_bad_record_names_file_record_and_field(tmp_path, task, change, record, field):
     records = [dict(r, **change) if i == record else r for i, r in enumerate(RECORDS[task])]
@@ -198,9 +210,9 @@ def test_convert_errors_name_the_file(tmp_path):
     out = tmp_path / "out.jsonl"
     with pytest.raises(BenchmarkError, match=r"nope\.parquet: no such file"):
         convert("piqa", tmp_path / "nope.parquet", out)
-    (tmp_path / "data.csv").write_text("goal,sol1\n")
-    with pytest.raises(BenchmarkError, match=r"data\.csv: unknown format '\.csv'"):
-        convert("piqa", tmp_path / "data.csv", out)
+    (tmp_path / "data.txt").write_text("goal,sol1\n")
+    with pytest.raises(BenchmarkError, match=r"data\.txt: unknown format '\.txt'"):
+        convert("piqa", tmp_path / "data.txt", out)
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(BenchmarkError, match=r"broken\.parquet: not a readable parquet file"):
         convert("piqa", tmp_path / "broken.parquet", out)
@@ -228,8 +240,10 @@ def test_write_read_round_trip_is_atomic(tmp_path):
     assert read_items(path) == items
     assert path.read_text(encoding="utf-8").count("\n") == 3
     assert json.loads(path.read_text(encoding="utf-8").splitlines()[0]) == {
-        "id": "Mercury_7175875", "task": "arc_challenge", "context": "Question: Which gas do plants take in?\nAnswer:",
-        "choices": [" oxygen", " carbon dioxide", " helium", " neon"], "answer": 1}
+        "id": "Mercury_7175875", "task": "arc_challenge", "context": "Which gas do plants take in?",
+        "choices": [" oxygen", " carbon dioxide", " helium", " neon"], "answer": 1, "prefix": "Question: ",
+        "suffix": "\nAnswer:"}
+    assert "prefix" not in json.loads(path.read_text(encoding="utf-8").splitlines()[2])   # no template, no keys
     assert sorted(p.name for p in path.parent.iterdir()) == ["arc.jsonl"]   # no temp files left
     with pytest.raises(BenchmarkError, match="id: duplicate 'q'"):
         write_items(path, [MCQItem("q", "t", "c", [" a", " b"], 0)] * 2)
@@ -251,7 +265,8 @@ def test_write_read_round_trip_is_atomic(tmp_path):
     (item_line(context=...), "context: missing"),
     (item_line(id=7), "id: expected a non-empty string, got 7"),
     (item_line(task=""), "task: expected a non-empty string"),
-    (item_line(label=1), "label: unknown field (the schema has id, task, context, choices, answer)"),
+    (item_line(label=1), "label: unknown field (the schema has id, task, context, choices, answer, prefix, suffix)"),
+    (item_line(prefix=1), "prefix: expected a string, got 1"),
     ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object, got list"),
 ])
