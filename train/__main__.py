@@ -36,7 +36,8 @@ def ensure_assets(cfg: ExperimentConfig, rank: int) -> None:
     """Build missing or stale assets (tiny LLM, shards) with the config's builder module, on rank 0 only. The
     builder runs every time: it decides what is stale (toy.build stamps each part) and is quick when nothing is."""
     paths = [Path(p) for p in (cfg.model.llm.path, *(r.path for r in cfg.data.speech + cfg.data.text),
-                               cfg.eval.heldout, *(t.path for t in cfg.eval.tasks), cfg.selection.pool) if p]
+                               cfg.eval.heldout, *(f for t in cfg.eval.tasks for f in (t.path, t.fewshot_path)),
+                               cfg.selection.pool) if p]
     if rank == 0 and cfg.data.assets:
         subprocess.run([sys.executable, "-m", cfg.data.assets], check=True)
     distributed.barrier()
