@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -10,10 +9,9 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from config import from_dict, require
+from config import require
 from model.adapter import Adapter, AdapterConfig
 from model.encoder import EncoderConfig, build_encoder
 from model.speech_lm import SpeechLM
@@ -115,28 +113,17 @@ def build_speech_lm(cfg: ModelConfig, llm_context: LoadContext = nullcontext, wi
 
 def load_export(folder: str | Path, teacher_path: str | None = None,
                 dtype: DtypeName = "float32") -> tuple[SpeechLM, object]:
-    """A model directory written by ``train.export``: plain torch + transformers, no DeepSpeed.
+    """A model directory written by ``train.export`` (``model.hf``'s layout), as the ``SpeechLM`` that evaluation
+    and selection score with: plain torch + transformers, no DeepSpeed, every module frozen in eval mode.
 
     With ``teacher_path`` (the original LLM), the model gets it as its frozen teacher (evaluation's
     teacher_text, the diagnostics F and D); the export's own LLM has LoRA merged, so it cannot be it.
     LLM, adapter and teacher are in ``dtype`` (one dtype for both sides, so that a gap or a KL between them
     never measures precision); the encoder keeps its own (``encoder.dtype``)."""
-    folder = Path(folder)
-    config_path = folder / "speech_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not an exported SpeechLM directory (train that round first)")
-    config = json.loads(config_path.read_text())
-    encoder_cfg = from_dict(EncoderConfig, config["encoder"], "encoder")
-    if encoder_cfg.path:
-        encoder_cfg.path = str(folder / encoder_cfg.path)
+    from model.hf import LLM_DIR, SpeechLMForCausalLM
+
     torch_dtype = resolve_dtype(dtype)
-    llm = AutoModelForCausalLM.from_pretrained(str(folder / "llm"), dtype=torch_dtype)
-    encoder = build_encoder(encoder_cfg)
-    adapter = Adapter(from_dict(AdapterConfig, config["adapter"], "adapter"), in_dim=encoder.dim,
-                      out_dim=llm.get_input_embeddings().embedding_dim)
-    teacher = _frozen(AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype)) if teacher_path else None
-    model = _frozen(SpeechLM(llm, encoder, adapter, teacher=teacher))
-    weights = load_file(str(folder / "speech.safetensors"))
-    model.adapter.load_state_dict({k.removeprefix("adapter."): v for k, v in weights.items() if k != "boundary"})
-    model.boundary.data.copy_(weights["boundary"])
-    return model.to(torch_dtype), AutoTokenizer.from_pretrained(str(folder / "llm"))
+    model = SpeechLMForCausalLM.from_pretrained(folder, dtype=torch_dtype).speech_lm
+    if teacher_path:
+        model.teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch_dtype)
+    return _frozen(model), AutoTokenizer.from_pretrained(str(Path(folder) / LLM_DIR))

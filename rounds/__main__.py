@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from config import ConfigError, split_overrides
+from model.card import write_model_card
 from rounds.experiment import ExperimentConfig, load_experiment
 from train.layout import RunFolder
 from train.monitor import log_round
@@ -87,6 +88,8 @@ def run_rounds(config: str, overrides: list[str], cfg: ExperimentConfig) -> None
         run_job(evals, "eval", config, overrides, r)
         if not logged:
             log_round(cfg, r)
+        if run.export(r).is_dir():   # the model card gets the round's eval table
+            write_model_card(run.export(r))
     run_job([sys.executable, "-m"], "eval.report", config, overrides)
 
 

@@ -65,7 +65,7 @@ def test_eval_loads_student_and_teacher_in_one_dtype_and_the_encoder_in_its_own(
     the gap, F and D do not measure precision; the encoder keeps fp32."""
     import json
 
-    teacher = json.loads((export_dir / "speech_config.json").read_text())   # the smoke LLM is the teacher
+    teacher = json.loads((export_dir / "config.json").read_text())   # the smoke LLM is the teacher
     model, _ = load_export(export_dir, teacher_path=str(export_dir / "llm"), dtype="bfloat16")
     assert {p.dtype for p in model.llm.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in model.teacher.parameters()} == {torch.bfloat16}

@@ -1,4 +1,4 @@
-"""The inference CLI on a smoke export: prompt layout, cached decoding against full forwards, sampling, errors."""
+"""The inference CLI on a smoke export: prompt layout, batched decoding against full forwards, sampling, errors."""
 
 import subprocess
 import sys
@@ -9,7 +9,8 @@ import soundfile as sf
 import torch
 
 from eval.mcq import LM
-from model.infer import generate, generate_ids, load, main, prompt_embeddings, read_audio, resample, stop_ids
+from model.hf import resample
+from model.infer import generate, generate_ids, load, main, read_audio
 from model.speech_lm import BEGIN, END
 from tests.test_train import REPO, env
 
@@ -39,22 +40,38 @@ def loaded(export_dir):
     return load(export_dir)
 
 
-@pytest.fixture(scope="module")
-def wav(tmp_path_factory):
-    """0.8 s of stereo tones and noise at 22.05 kHz, written as 16-bit PCM."""
-    t = np.arange(int(0.8 * FILE_RATE)) / FILE_RATE
-    rng = np.random.default_rng(0)
-    left = 0.4 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)
+def write_wav(path, seconds: float, seed: int = 0):
+    """Stereo tones and noise at 22.05 kHz, written as 16-bit PCM."""
+    t = np.arange(int(seconds * FILE_RATE)) / FILE_RATE
+    rng = np.random.default_rng(seed)
+    left = 0.4 * np.sin(2 * np.pi * 220 * (1 + seed) * t) + 0.05 * rng.standard_normal(t.size)
     right = 0.3 * np.sin(2 * np.pi * 440 * t * (1 + t))
-    path = tmp_path_factory.mktemp("audio") / "speech.wav"
     sf.write(path, np.stack([left, right], 1), FILE_RATE, subtype="PCM_16")
     return path
 
 
 @pytest.fixture(scope="module")
+def wav(tmp_path_factory):
+    """0.8 s of stereo audio at 22.05 kHz."""
+    return write_wav(tmp_path_factory.mktemp("audio") / "speech.wav", 0.8)
+
+
+@pytest.fixture(scope="module")
+def wav2(tmp_path_factory):
+    """A second, shorter file: batched with ``wav`` it is padded."""
+    return write_wav(tmp_path_factory.mktemp("audio") / "other.wav", 0.5, seed=1)
+
+
+@pytest.fixture(scope="module")
 def wave(loaded, wav):
     audio, rate = read_audio(wav)
-    return resample(audio, rate, loaded[0].encoder.sample_rate)
+    return resample(audio, rate, loaded[0].sampling_rate)
+
+
+@pytest.fixture(scope="module")
+def wave2(loaded, wav2):
+    audio, rate = read_audio(wav2)
+    return resample(audio, rate, loaded[0].sampling_rate)
 
 
 def test_read_audio_mixes_to_mono_and_resamples(wav):
@@ -67,20 +84,27 @@ def test_read_audio_mixes_to_mono_and_resamples(wav):
     assert resample(audio, rate, rate) is audio
 
 
-def test_prompt_goes_first_then_the_speech_span(loaded, wave):
-    model, tokenizer = loaded
+def test_prompt_goes_first_then_the_speech_span_and_a_batch_is_left_padded(loaded, wave, wave2):
+    model, processor = loaded
+    lm, tokenizer = model.speech_lm, processor.tokenizer
     ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-    embed = model.llm.get_input_embeddings()
-    prefix = prompt_embeddings(model, tokenizer, wave, PROMPT)[0]
+    embed = model.get_input_embeddings()
+    inputs = processor([wave, wave2], model.sampling_rate, text=[PROMPT, ""])
+    prefixes, mask = model.embed(inputs["input_values"], inputs["audio_attention_mask"], inputs["input_ids"],
+                                 inputs["attention_mask"])
     text = embed(torch.tensor([tokenizer.bos_token_id, *ids]))
     n = len(text)
-    assert prefix.shape == (n + model.vectors_for(len(wave)) + 2, embed.embedding_dim)
-    torch.testing.assert_close(prefix[:n], text)
-    torch.testing.assert_close(prefix[n], model.boundary[BEGIN])
-    torch.testing.assert_close(prefix[-1], model.boundary[END])
-    bare = prompt_embeddings(model, tokenizer, wave)[0]       # no prompt: [bos] [begin] vectors [end]
-    assert len(bare) == len(prefix) - len(ids)
-    torch.testing.assert_close(bare[1:], prefix[len(ids) + 1:])
+    first = prefixes[0][mask[0].bool()]
+    assert first.shape == (n + lm.vectors_for(len(wave)) + 2, embed.embedding_dim) and bool(mask[0].all())
+    torch.testing.assert_close(first[:n], text)
+    torch.testing.assert_close(first[n], lm.boundary[BEGIN])
+    torch.testing.assert_close(first[-1], lm.boundary[END])
+    bare = prefixes[1][mask[1].bool()]            # no prompt: [bos] [begin] vectors [end], padded on the left
+    assert len(bare) == lm.vectors_for(len(wave2)) + 3 and not mask[1, : len(first) - len(bare)].any()
+    torch.testing.assert_close(bare[:2], torch.stack([text[0], lm.boundary[BEGIN]]))
+    alone = processor(wave2, model.sampling_rate)
+    torch.testing.assert_close(model.embed(alone["input_values"], alone["audio_attention_mask"])[0][0], bare,
+                               atol=1e-5, rtol=1e-5)
 
 
 def reference_greedy(model, prefix: torch.Tensor, n: int, stop: set[int]) -> list[int]:
@@ -97,39 +121,42 @@ def reference_greedy(model, prefix: torch.Tensor, n: int, stop: set[int]) -> lis
     return ids
 
 
-def test_greedy_with_cache_equals_full_forwards_and_stops_at_eos(loaded, wave):
-    model, tokenizer = loaded
-    prefix = prompt_embeddings(model, tokenizer, wave, PROMPT)
-    stop = stop_ids(model, tokenizer)
-    assert tokenizer.eos_token_id in stop
-    ids = generate_ids(model, prefix, N, stop)
+def test_greedy_generate_equals_full_forwards_batched_or_not_and_stops_at_eos(loaded, wave, wave2):
+    model, processor = loaded
+    stop = set(model.generation_config.eos_token_id)
+    assert processor.tokenizer.eos_token_id in stop
+    inputs = processor(wave, model.sampling_rate, text=PROMPT)
+    prefix, _ = model.embed(**{k: inputs[k] for k in ("input_values", "audio_attention_mask", "input_ids",
+                                                       "attention_mask")})
+    ids = generate_ids(model, processor, [wave], PROMPT, N)[0]
     assert ids == reference_greedy(model, prefix, N, stop)
     assert len(ids) == N and not stop & set(ids)
-    assert generate_ids(model, prefix, N, stop) == ids                      # deterministic
-    assert generate(model, tokenizer, wave, PROMPT, N) == tokenizer.decode(ids, skip_special_tokens=True)
-    halt = ids[N // 2]                                                       # a stop id the model emits
-    assert generate_ids(model, prefix, N, {halt}) == ids[: ids.index(halt)]
+    assert generate(model, processor, [wave], PROMPT, N) == [processor.decode(ids, skip_special_tokens=True)]
+    other = generate_ids(model, processor, [wave2], PROMPT, N)[0]
+    assert generate_ids(model, processor, [wave, wave2], PROMPT, N) == [ids, other]   # padding changes nothing
+    halt = ids[N // 2]                                                                 # a stop id the model emits
+    out = model.generate(**inputs, max_new_tokens=N, do_sample=False, eos_token_id=[halt])[0].tolist()
+    assert out == ids[: ids.index(halt) + 1]
 
 
 def test_sampling_repeats_with_a_seed_and_top_p_keeps_the_nucleus(loaded, wave):
-    model, tokenizer = loaded
-    prefix = prompt_embeddings(model, tokenizer, wave, PROMPT)
-    stop = stop_ids(model, tokenizer)
-    draws = [generate_ids(model, prefix, N, stop, sample=True, temperature=2.0, seed=s) for s in range(4)]
-    assert generate_ids(model, prefix, N, stop, sample=True, temperature=2.0, seed=0) == draws[0]
-    assert len({tuple(d) for d in draws}) > 1                               # other seeds, other draws
-    assert draws[0] != generate_ids(model, prefix, N, stop)                  # hot sampling is not greedy
-    tiny_nucleus = generate_ids(model, prefix, N, stop, sample=True, top_p=1e-6, seed=1)
-    assert tiny_nucleus == generate_ids(model, prefix, N, stop)              # only the top token is left
+    model, processor = loaded
+    draws = [generate_ids(model, processor, [wave], PROMPT, N, sample=True, temperature=2.0, seed=s)[0]
+             for s in range(4)]
+    assert generate_ids(model, processor, [wave], PROMPT, N, sample=True, temperature=2.0, seed=0)[0] == draws[0]
+    assert len({tuple(d) for d in draws}) > 1                                  # other seeds, other draws
+    greedy = generate_ids(model, processor, [wave], PROMPT, N)[0]
+    assert draws[0] != greedy                                                   # hot sampling is not greedy
+    assert generate_ids(model, processor, [wave], PROMPT, N, sample=True, top_p=1e-6, seed=1)[0] == greedy
 
 
-def test_cli_prints_the_greedy_continuation(export_dir, wav, loaded, wave):
-    cmd = [sys.executable, "-m", "model.infer", "--model", str(export_dir), "--audio", str(wav),
-           "--prompt", PROMPT, "--max-new-tokens", str(N)]
+def test_cli_prints_the_greedy_continuation_one_line_per_file(export_dir, wav, wav2, loaded, wave, wave2):
+    cmd = [sys.executable, "-m", "model.infer", "--model", str(export_dir), "--audio", str(wav), str(wav2),
+           "--prompt", PROMPT, "--max-new-tokens", str(N), "--batch-size", "1"]
     result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    expected = generate(*loaded, wave, PROMPT, N)
-    assert expected.strip() and result.stdout == expected + "\n"
+    expected = generate(*loaded, [wave, wave2], PROMPT, N)
+    assert all(t.strip() for t in expected) and result.stdout == "".join(t + "\n" for t in expected)
 
 
 def test_cli_samples_with_a_seed(export_dir, wav, loaded, wave, capsys):
@@ -139,7 +166,7 @@ def test_cli_samples_with_a_seed(export_dir, wav, loaded, wave, capsys):
     first = capsys.readouterr().out
     main(args)
     assert capsys.readouterr().out == first
-    assert first == generate(*loaded, wave, "", N, sample=True, temperature=1.5, top_p=0.9, seed=7) + "\n"
+    assert first == generate(*loaded, [wave], "", N, sample=True, temperature=1.5, top_p=0.9, seed=7)[0] + "\n"
 
 
 @pytest.mark.parametrize("case", ["missing", "not_audio", "empty", "too_short", "no_export", "top_p"])

@@ -1,25 +1,24 @@
-"""Export a trained round as a plain model directory that loads without DeepSpeed.
+"""Export a trained round as a Hugging Face model folder that loads without DeepSpeed (nor this repository).
 
-    export/llm/                  the LLM with LoRA merged (save_pretrained) and its tokenizer
-    export/encoder/              a copy of the frozen encoder's folder (whisper, mimi; absent for mel)
-    export/speech.safetensors    adapter and boundary embeddings
-    export/speech_config.json    {"encoder": EncoderConfig, "adapter": AdapterConfig}
-
-``model.build.load_export(dir)`` reads it back.
+The layout is ``model.hf``'s: config.json (``SpeechLMConfig``, with auto_map), generation_config.json, llm/ (LoRA
+merged, with its tokenizer), encoder/ (whisper, mimi, toy), speech.safetensors, the processor (feature extractor +
+tokenizer), the model code (modeling_salad.py and the project modules it imports) and the model card README.md.
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads it; ``model.build.load_export(dir)``
+reads it back as a ``SpeechLM`` for evaluation and selection.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from model.build import ModelConfig, build_speech_lm, load_tokenizer
+from model.card import write_model_card
+from model.hf import LLM_DIR, SpeechLMForCausalLM
 from train import distributed
 from train.engine import TrainConfig, train_dtype
 
@@ -42,20 +41,18 @@ def export(cfg: ModelConfig, ckpt_dir: Path, tag: str, out: Path) -> Path:
     missing_trained = model.load_state_dict(trained_state(ckpt_dir, tag), strict=False).unexpected_keys
     if missing_trained:
         raise KeyError(f"{ckpt_dir}/{tag}: checkpoint has parameters the model lacks: {missing_trained[:5]}")
-    llm = model.llm.merge_and_unload() if hasattr(model.llm, "merge_and_unload") else model.llm
+    if hasattr(model.llm, "merge_and_unload"):
+        model.llm = model.llm.merge_and_unload()
+    tokenizer = load_tokenizer(cfg)
+    hf = SpeechLMForCausalLM.from_speech_lm(model, cfg.encoder, tokenizer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    llm.save_pretrained(str(tmp / "llm"))
-    load_tokenizer(cfg).save_pretrained(str(tmp / "llm"))
-    encoder_cfg = dataclasses.asdict(cfg.encoder)
-    if encoder_cfg.get("path"):
-        shutil.copytree(encoder_cfg["path"], tmp / "encoder")
-        encoder_cfg["path"] = "encoder"
-    speech = {f"adapter.{k}": v.contiguous() for k, v in model.adapter.state_dict().items()}
-    speech["boundary"] = model.boundary.detach().contiguous()
-    save_file(speech, str(tmp / "speech.safetensors"))
-    config = {"encoder": encoder_cfg, "adapter": dataclasses.asdict(cfg.adapter)}
-    (tmp / "speech_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tmp.chmod(0o755)   # mkdtemp's 0700 would keep the model from the other users of a shared run folder
+    hf.save_pretrained(tmp)
+    tokenizer.save_pretrained(str(tmp / LLM_DIR))   # llm/ stays a whole causal-LM folder
+    hf.processor.save_pretrained(str(tmp))
+    # the round's config (train writes it before training) names the data; without it, the model section alone
+    write_model_card(tmp, round_dir=out.parent, fallback={"model": dataclasses.asdict(cfg)})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
