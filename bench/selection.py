@@ -15,16 +15,27 @@ Measures
     the text, unit norm, 384-d), so that 1M texts embed in seconds; MiniLM's own rate is the first row;
   - espeak-ng real-time factor per core: ``shards.tts.synthesize_many`` on one worker, audio seconds per
     CPU-second of this process and its espeak-ng children (on these shared 2-core hosts wall time includes
-    waiting for a core, so CPU time is the per-core figure).
+    waiting for a core, so CPU time is the per-core figure);
+  - x real time (audio seconds per wall second) of each TTS backend this machine runs, on the same sentences:
+    espeak-ng (the baseline), Kokoro in process, and Kokoro as a ``command`` synthesizer
+    (``python -m shards.kokoro_tts``) started once per utterance and started once (long-lived). KOKORO HAS
+    RANDOM WEIGHTS HERE (the published config's 82M-parameter model, every phoneme 3 frames of 25 ms, about real
+    speech's rate: ``write_random_model``), so its audio is noise but its compute per audio second is the real
+    model's; on the device it finds (a GPU when torch sees one).
 Probes per second: probe texts synthesized and scored (M, F, D) with a tiny student, as selection does.
 
-    python -m bench.selection [--texts 1000] [--skip-1m] [--data-path-only] [--tts-sentences 20]
+    python -m bench.selection [--texts 1000] [--skip-1m] [--data-path-only] [--tts-only] [--tts-sentences 20]
+        [--kokoro-sentences 3]
 
 The last lines are ``RESULT probes_per_s <x>``, ``RESULT embed_texts_per_s <x>``, ``RESULT kmeans_1m_seconds
-<s>``, ``RESULT tts_rt_per_core <x>`` (nan where --data-path-only skips them), then ``RESULT
+<s>``, ``RESULT tts_rt_per_core <x>``, then x real time per backend: ``tts_x_realtime_espeak``,
+``tts_x_realtime_kokoro_random_in_process``, ``tts_x_realtime_kokoro_random_command_per_utterance``,
+``tts_x_realtime_kokoro_random_command_long_lived``, ``tts_x_realtime_kokoro_random_in_process_after_start``
+(the model loaded: what a long run approaches) and the ratios ``tts_long_lived_vs_per_utterance`` and
+``tts_kokoro_in_process_vs_espeak`` (nan where --data-path-only skips them), then ``RESULT
 selection_100k_peak_rss_mib``, ``selection_100k_seconds``, ``selection_1m_peak_rss_mib``,
 ``selection_1m_seconds``, ``selection_rss_growth_100k_to_1m`` and ``selection_time_growth_100k_to_1m`` (1M and
-growth nan with --skip-1m).
+growth nan with --skip-1m, all nan with --tts-only).
 """
 
 from __future__ import annotations
@@ -215,19 +226,49 @@ def measure_data_path(n: int, threads: int) -> tuple[Row, dict]:
     return row, {"seconds": job, "peak": got["peak_rss_mib"], "above": got["peak_rss_mib"] - got["base_rss_mib"]}
 
 
-def measure_tts(n: int) -> tuple[Row, float]:
-    from shards.tts import TTSConfig, synthesize_many
+def measure_tts_backends(espeak_n: int, kokoro_n: int, threads: int) -> tuple[list[Row], dict[str, float]]:
+    """x real time of each backend on the same sentences (the first ``kokoro_n`` for the slow Kokoro modes), and
+    espeak-ng's audio seconds per CPU-second (``per_core``)."""
+    from shards.kokoro_tts import write_random_model
+    from shards.tts import TTSConfig, make_tts
     from toy.smoke import sentences
 
-    texts = [s + "." for s in sentences(n, seed=1)]
-    audio, wall, cpu = timed(synthesize_many, TTSConfig(), SR, texts, workers=1)
-    failed = [a for a in audio if isinstance(a, Exception)]
-    if failed:
-        sys.exit(f"espeak-ng failed: {failed[0]}")
-    seconds = sum(len(a) for a in audio) / SR
-    rate = seconds / cpu
-    return Row("espeak-ng TTS, 1 worker", f"{n} sentences, {seconds:.0f} s audio", wall, cpu,
-               f"{rate:.1f}x real time per core", f"{seconds / wall:.1f}x per wall-second"), rate
+    texts = [s + "." for s in sentences(espeak_n, seed=1)]
+    rows, rates = [], {}
+
+    def run(key: str, name: str, cfg: TTSConfig, batch: list[str], note: str = "") -> None:
+        def speak():
+            with make_tts(cfg, SR) as tts:  # the start (probe, model load) is part of the time
+                started = time.perf_counter()
+                audio = [tts.synthesize(t, i) for i, t in enumerate(batch)]
+                return audio, time.perf_counter() - started, getattr(tts.backend, "g2p_name", "")
+
+        (audio, speaking, g2p), wall, cpu = timed(speak)
+        seconds = sum(len(a) for a in audio) / SR
+        rates[key], rates[f"{key}_after_start"] = seconds / wall, seconds / speaking
+        rates.setdefault("per_core", seconds / cpu)  # the first run's: espeak-ng
+        rows.append(Row(name, f"{len(batch)} sentences, {seconds:.1f} s audio", wall, cpu,
+                        f"{seconds / wall:.2f}x real time",
+                        f"start {wall - speaking:.1f} s, then {seconds / speaking:.2f}x; {seconds / cpu:.2f}x per "
+                        f"CPU-s{f'; G2P {g2p}' if g2p else ''}{note}"))
+
+    run("espeak", "TTS espeak-ng, 1 worker (baseline)", TTSConfig(), texts)
+    with tempfile.TemporaryDirectory(prefix="bench-kokoro-") as folder:
+        start = time.perf_counter()
+        write_random_model(Path(folder))
+        cli = [sys.executable, "-m", "shards.kokoro_tts", "--model-path", folder, "--g2p", "espeak"]
+        device = "cuda" if torch.cuda.is_available() else f"cpu, {threads} threads"
+        few = texts[:kokoro_n]
+        run("kokoro_random_in_process", f"TTS Kokoro in process (RANDOM WEIGHTS), {device}",
+            TTSConfig(backend="kokoro", model_path=folder, g2p="espeak"), few,
+            f"; random model written in {time.perf_counter() - start:.0f} s")
+        run("kokoro_random_command_per_utterance", "TTS Kokoro command, per utterance (RANDOM WEIGHTS)",
+            TTSConfig(backend="command", command=[*cli, "--text", "{text}", "--wav", "{wav}"], timeout_s=600), few,
+            "; a process, imports and model load per text")
+        run("kokoro_random_command_long_lived", "TTS Kokoro command, long-lived (RANDOM WEIGHTS)",
+            TTSConfig(backend="command", long_lived=True, command=[*cli, "--serve"], timeout_s=600), few,
+            "; one process (its start counted)")
+    return rows, rates
 
 
 def measure_probes(clusters: int = 8, per_cluster: int = 4) -> tuple[Row, float]:
@@ -275,7 +316,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--skip-1m", action="store_true", help="k-means and the data path at 100k only")
     p.add_argument("--data-path-only", action="store_true", help="only the selection data path")
+    p.add_argument("--tts-only", action="store_true", help="only the TTS measurements")
     p.add_argument("--tts-sentences", type=int, default=20)
+    p.add_argument("--kokoro-sentences", type=int, default=3, help="sentences for each of the Kokoro modes")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     p.add_argument("--data-path-child", nargs=2, metavar=("POOL", "WORKDIR"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -288,20 +331,24 @@ def main() -> None:
     console.print(f"versions: {versions()}")
     rows, nan = [], float("nan")
     embed_rate = kmeans_1m = tts_rate = probe_rate = nan
-    if not args.data_path_only:
+    if not (args.data_path_only or args.tts_only):
         embed_row, embed_rate = measure_embed(args.texts, args.batch_size)
         rows += [embed_row, measure_kmeans(100_000)]
         if not args.skip_1m:
             rows.append(measure_kmeans(1_000_000))
             kmeans_1m = rows[-1].wall_s
     paths = {}
-    for n in (100_000,) if args.skip_1m else (100_000, 1_000_000):
+    for n in () if args.tts_only else (100_000,) if args.skip_1m else (100_000, 1_000_000):
         row, paths[n] = measure_data_path(n, args.threads)
         rows.append(row)
+    backends: dict[str, float] = {}
     if not args.data_path_only:
-        tts_row, tts_rate = measure_tts(args.tts_sentences)
+        backend_rows, backends = measure_tts_backends(args.tts_sentences, args.kokoro_sentences, args.threads)
+        rows += backend_rows
+        tts_rate = backends["per_core"]
+    if not (args.data_path_only or args.tts_only):
         probes, probe_rate = measure_probes()
-        rows += [tts_row, probes]
+        rows.append(probes)
     table = Table(title="Active selection: throughput and memory on this machine")
     for column in ("measurement", "amount", "wall s", "CPU s", "rate", "note"):
         table.add_column(column, justify="right" if column.endswith(" s") else "left")
@@ -316,8 +363,17 @@ def main() -> None:
     print(f"RESULT embed_texts_per_s {embed_rate:.1f}")
     print(f"RESULT kmeans_1m_seconds {kmeans_1m:.1f}")
     print(f"RESULT tts_rt_per_core {tts_rate:.1f}")
-    print(f"RESULT selection_100k_peak_rss_mib {small['peak']:.0f}")
-    print(f"RESULT selection_100k_seconds {small['seconds']:.1f}")
+    names = ("espeak", "kokoro_random_in_process", "kokoro_random_command_per_utterance",
+             "kokoro_random_command_long_lived")
+    espeak, in_process, per_utterance, long_lived = (backends.get(name, nan) for name in names)
+    for name, rate in zip(names, (espeak, in_process, per_utterance, long_lived), strict=True):
+        print(f"RESULT tts_x_realtime_{name} {rate:.3f}")
+    print(f"RESULT tts_x_realtime_kokoro_random_in_process_after_start "
+          f"{backends.get('kokoro_random_in_process_after_start', nan):.3f}")
+    print(f"RESULT tts_long_lived_vs_per_utterance {long_lived / per_utterance:.2f}")
+    print(f"RESULT tts_kokoro_in_process_vs_espeak {in_process / espeak:.3f}")
+    print(f"RESULT selection_100k_peak_rss_mib {small['peak'] if small else nan:.0f}")
+    print(f"RESULT selection_100k_seconds {small['seconds'] if small else nan:.1f}")
     print(f"RESULT selection_1m_peak_rss_mib {large['peak'] if large else nan:.0f}")
     print(f"RESULT selection_1m_seconds {large['seconds'] if large else nan:.1f}")
     print(f"RESULT selection_rss_growth_100k_to_1m {growth(small, large, 'peak'):.2f}")

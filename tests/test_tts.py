@@ -1,16 +1,20 @@
-"""TTS backends: espeak-ng output, variants, shell-safety, the command backend, errors, parallel runs."""
+"""TTS backends: espeak-ng output, variants, shell-safety, the command backend (per utterance and long-lived),
+errors, parallel runs. Kokoro: tests/test_tts_kokoro.py."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from config import ConfigError, from_dict
-from shards.tts import TTSConfig, TTSError, make_tts, synthesize_many
+from shards.tts import PROBE_TEXT, TTSConfig, TTSError, make_tts, synthesize_many
 
 SR = 16000
 SENTENCE = "The quick brown fox jumps over the lazy dog."
@@ -31,6 +35,57 @@ if text != "nothing":
     tone = 0.5 * np.sin(2 * np.pi * 440 * t)
     sf.write(wav, np.stack([tone, tone], axis=1), 8000)
 """
+
+
+# The long-lived protocol's fake synthesizer: appends its pid to argv[1] when it starts and each text it gets (as
+# JSON) to argv[2]; answers with the 0.5 s tone of SCRIPT. Texts: "fail" is refused, "crash" exits 7, "sleep"
+# hangs, "garbage" answers a line that is not JSON, "nothing" answers ok without writing a file.
+SERVER = """
+import json, os, sys, time
+import numpy as np, soundfile as sf
+starts, received = sys.argv[1], sys.argv[2]
+open(starts, "a").write(f"{os.getpid()}\\n")
+for line in sys.stdin:
+    request = json.loads(line)
+    text = request["text"]
+    open(received, "a", encoding="utf-8").write(json.dumps(text) + "\\n")
+    if text == "crash":
+        sys.exit(7)
+    if text == "sleep":
+        time.sleep(60)
+    if text == "garbage":
+        print("hello from a library", flush=True)
+        continue
+    if text not in ("fail", "nothing"):
+        t = np.arange(4000) / 8000
+        tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+        sf.write(request["wav"], np.stack([tone, tone], axis=1), 8000)
+    answer = {"ok": False, "error": "boom: cannot speak"} if text == "fail" else {"ok": True}
+    print(json.dumps(answer), flush=True)
+"""
+
+
+@dataclass
+class Server:
+    cfg: TTSConfig
+    starts: Path
+    received: Path
+
+    def pids(self) -> list[int]:
+        return [int(x) for x in self.starts.read_text().split()] if self.starts.exists() else []
+
+    def texts(self) -> list[str]:
+        return [json.loads(x) for x in self.received.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Server:
+    script = tmp_path / "fake_server.py"
+    script.write_text(SERVER)
+    starts, received = tmp_path / "starts.txt", tmp_path / "received.txt"
+    cfg = TTSConfig(backend="command", long_lived=True, command=[sys.executable, str(script), str(starts),
+                                                                 str(received)], timeout_s=20.0)
+    return Server(cfg, starts, received)
 
 
 @pytest.fixture
@@ -78,20 +133,23 @@ def test_noise_at_the_asked_ratio_seeded_by_the_text():
     assert not np.array_equal(noisy_tts.synthesize(SENTENCE + " again", 0)[:1000], ten[:1000])   # text seeds it
 
 
-@pytest.mark.parametrize("backend", ["espeak-ng", "command"])
-def test_shell_metacharacters_are_not_executed(backend, tmp_path, monkeypatch, command_cfg):
+@pytest.mark.parametrize("backend", ["espeak-ng", "command", "long-lived"])
+def test_shell_metacharacters_are_not_executed(backend, tmp_path, monkeypatch, command_cfg, server):
     monkeypatch.chdir(tmp_path)
     keep = tmp_path / "keep"
     keep.mkdir()
     text = "$(touch PWNED); rm -rf keep; `touch PWNED2` | cat > pwned3 && touch PWNED4 & {wav} {text}"
-    cfg = TTSConfig() if backend == "espeak-ng" else command_cfg[0]
-    audio = make_tts(cfg, SR).synthesize(text)
+    cfg = {"espeak-ng": TTSConfig(), "command": command_cfg[0], "long-lived": server.cfg}[backend]
+    with make_tts(cfg, SR) as tts:
+        audio = tts.synthesize(text)
     assert len(audio) > 0.2 * SR
     assert keep.is_dir()
     for name in ("PWNED", "PWNED2", "pwned3", "PWNED4"):
         assert not (tmp_path / name).exists(), name
     if backend == "command":
         assert command_cfg[1].read_text(encoding="utf-8") == text  # one argument, verbatim
+    if backend == "long-lived":
+        assert server.texts() == ["a", text]  # the probe, then the text verbatim
 
 
 def test_leading_dash_is_spoken_not_parsed(tmp_path, monkeypatch):
@@ -138,6 +196,63 @@ def test_timeout_is_a_tts_error(command_cfg):
     assert time.monotonic() - start < 15
 
 
+def test_long_lived_command_starts_once_for_many_texts(server):
+    texts = ["one", 'two "quoted" {text} {wav}', "line\nbreak", "ünïcödé — ok", "five"]
+    results = synthesize_many(server.cfg, SR, texts)
+    assert all(isinstance(r, np.ndarray) and r.shape == (SR // 2,) for r in results), results
+    assert len(server.pids()) == 1  # one process: the probe and all five texts
+    assert server.texts() == [PROBE_TEXT, *texts]
+    spectrum = np.abs(np.fft.rfft(results[0]))
+    assert abs(np.argmax(spectrum) * SR / len(results[0]) - 440) <= 2  # resampled and mixed down
+    parallel = synthesize_many(server.cfg, SR, texts, workers=2)
+    assert len(server.pids()) == 1 + 3  # this process's probe, then one process per worker
+    assert all(np.array_equal(a, b) for a, b in zip(results, parallel, strict=True))
+
+
+def test_long_lived_failures_restart_only_what_died(server):
+    tts = make_tts(server.cfg, SR)
+    with pytest.raises(TTSError, match=r"command TTS of 'fail': boom: cannot speak"):
+        tts.synthesize("fail")
+    with pytest.raises(TTSError, match="wrote no audio file"):
+        tts.synthesize("nothing")
+    assert tts.synthesize("fine").shape == (SR // 2,)
+    assert len(server.pids()) == 1  # a refused text leaves the process serving
+    with pytest.raises(TTSError, match="exited with status 7 without answering.*next text starts a fresh one"):
+        tts.synthesize("crash")
+    assert tts.synthesize("after the crash").shape == (SR // 2,)
+    with pytest.raises(TTSError, match="answered 'hello from a library', not"):
+        tts.synthesize("garbage")
+    assert tts.synthesize("after the garbage").shape == (SR // 2,)
+    assert len(server.pids()) == 3
+    tts.close()
+    proc = tts.backend.server.proc
+    assert proc.returncode == 0  # it exited when its stdin closed
+
+
+def test_long_lived_timeout_kills_and_restarts(server):
+    server.cfg.timeout_s = 1.0
+    tts = make_tts(server.cfg, SR)
+    start = time.monotonic()
+    with pytest.raises(TTSError, match="timed out after 1 s"):
+        tts.synthesize("sleep")
+    assert time.monotonic() - start < 15
+    hung = server.pids()[0]
+    with pytest.raises(ProcessLookupError):
+        os.kill(hung, 0)  # killed and reaped
+    server.cfg.timeout_s = 20.0
+    assert tts.synthesize("awake").shape == (SR // 2,)
+    assert len(server.pids()) == 2
+    tts.close()
+
+
+def test_long_lived_probe_fails_early(tmp_path):
+    quits = TTSConfig(backend="command", long_lived=True, command=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    with pytest.raises(TTSError, match="probe 'a': long-lived synthesizer exited with status 3"):
+        make_tts(quits, SR)
+    with pytest.raises(TTSError, match="not found"):
+        make_tts(TTSConfig(backend="command", long_lived=True, command=["/nonexistent/tts"]), SR)
+
+
 def test_missing_program_and_unknown_voice_fail_early():
     with pytest.raises(TTSError, match="not found"):
         make_tts(TTSConfig(backend="command", command=["/nonexistent/tts", "{text}", "{wav}"]), SR)
@@ -174,7 +289,25 @@ def test_synthesize_many_parallel_matches_serial():
     ({"backend": "command", "command": ["say", "{text}"]}, "tts.command"),
     ({"backend": "command"}, "tts.command"),
     ({"backend": "festival"}, "tts.backend"),
+    ({"speeds": [160.5]}, "tts.speeds"),
+    ({"backend": "command", "long_lived": True, "command": ["tts", "{text}", "{wav}"]}, "tts.command"),
+    ({"backend": "command", "long_lived": True}, "tts.command"),
+    ({"long_lived": True}, "tts.long_lived"),
+    ({"backend": "kokoro"}, "tts.model_path"),
+    ({"backend": "kokoro", "model_path": "m", "voices": ["en-us"]}, "tts.voices"),
+    ({"backend": "kokoro", "model_path": "m", "voices": ["af_heart"], "speeds": [160]}, "tts.speeds"),
+    ({"backend": "kokoro", "model_path": "m", "voices": ["af_heart"], "device": "gpu"}, "tts.device"),
+    ({"backend": "kokoro", "model_path": "m", "voices": ["af_heart"], "g2p": "festival"}, "tts.g2p"),
 ])
 def test_config_errors_name_the_key(data, key):
     with pytest.raises(ConfigError, match=rf"^{key}: "):
         from_dict(TTSConfig, data, "tts")
+
+
+def test_voices_and_speeds_default_per_backend():
+    espeak = from_dict(TTSConfig, {}, "tts")
+    assert (espeak.voices, espeak.speeds) == (["en-us"], [160])
+    kokoro = from_dict(TTSConfig, {"backend": "kokoro", "model_path": "m"}, "tts")
+    assert (kokoro.voices, kokoro.speeds) == (["af_heart"], [1.0])
+    assert from_dict(TTSConfig, {"backend": "kokoro", "model_path": "m", "voices": ["bf_emma"], "speeds": [0.9, 1]},
+                     "tts").speeds == [0.9, 1]
