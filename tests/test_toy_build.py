@@ -1,6 +1,7 @@
 """Fast checks of the toy asset builder's pieces (the reduced end-to-end build is tests/test_toy_pipeline.py)."""
 
 import json
+import threading
 from collections import Counter
 from dataclasses import asdict, replace
 
@@ -8,7 +9,17 @@ import numpy as np
 import pytest
 
 from shards.build import cut_pieces, sentences
-from toy.build import PART_SIZES, PART_VERSIONS, SIZES, build_pool, part_stamp, read_stamps, stale_parts
+from toy.build import (
+    PART_SIZES,
+    PART_VERSIONS,
+    SIZES,
+    build,
+    build_lock,
+    build_pool,
+    part_stamp,
+    read_stamps,
+    stale_parts,
+)
 from toy.world import DOMAINS, STORY_DOMAINS, World
 
 
@@ -70,3 +81,20 @@ def test_first_format_stamps_stand_for_version_1_of_every_part(tmp_path):
     for name in PART_SIZES:
         (tmp_path / name).mkdir()
     assert stale_parts(tmp_path, stamps, 0, sizes) == [n for n in PART_SIZES if PART_VERSIONS[n] > 1]
+
+
+def test_a_second_build_of_the_same_folder_waits_for_the_first(tmp_path):
+    """Two builds of one asset folder (two ./run.sh on a fresh clone) would both train the teacher and collide on
+    its rename: the second waits for the lock, then finds every part built and does nothing."""
+    sizes = SIZES["full"]
+    for name in PART_SIZES:
+        (tmp_path / name).mkdir()
+    (tmp_path / "assets.json").write_text(json.dumps({"parts": {n: part_stamp(n, 0, sizes) for n in PART_SIZES}}))
+    second = threading.Thread(target=build, args=(tmp_path,))
+    with build_lock(tmp_path):
+        second.start()
+        second.join(0.5)
+        assert second.is_alive()   # blocked while the first holds the folder
+    second.join(10)
+    assert not second.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*PART_SIZES, "assets.json", ".build.lock"])

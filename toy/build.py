@@ -27,10 +27,13 @@ find (toy.coverage says what each part mirrors).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import multiprocessing as mp
 import shutil
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -173,6 +176,24 @@ def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2, 
     """Build every missing or stale part of the toy assets into ``out`` (see the module docstring)."""
     sizes = SIZES[size] if tokenizer is None else replace(SIZES[size], tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
+    with build_lock(out):
+        _build_locked(out, world_seed, sizes, workers)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path) -> Iterator[None]:
+    """One builder at a time per asset folder: two ``./run.sh`` started together on a fresh clone would both train
+    the teacher and the second rename would fail. The second waits, then finds the parts built."""
+    with (out / ".build.lock").open("w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"toy assets: waiting for another build of {out}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _build_locked(out: Path, world_seed: int, sizes: Sizes, workers: int) -> None:
     stamps = read_stamps(out)
     todo = stale_parts(out, stamps, world_seed, sizes)
     if not todo:
