@@ -451,8 +451,13 @@ def summary(index: dict[str, Any], out: Path) -> str:
 
 # ----------------------------------------------------------------------------- command line
 
-def _csv(kind: type) -> Any:
+def _csv(kind: Callable[[str], Any]) -> Any:
     return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def _number(text: str) -> int | float:
+    """A speed as written: espeak-ng's words per minute are whole numbers, Kokoro's factors are not."""
+    return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> BuildConfig:
@@ -468,13 +473,20 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
                         "manifest needs --format lhotse)")
     p.add_argument("--audio-root", type=Path, default=None,
                    help="folder that relative audio paths of a manifest or cuts are under (default: its folder)")
-    p.add_argument("--tts", choices=("espeak-ng", "command"), help="synthesize text-only input to speech")
-    p.add_argument("--tts-voices", type=_csv(str), default=["en-us"], help="comma-separated espeak-ng voices")
-    p.add_argument("--tts-speeds", type=_csv(int), default=[160], help="comma-separated words per minute")
+    p.add_argument("--tts", choices=("espeak-ng", "command", "kokoro"), help="synthesize text-only input to speech")
+    p.add_argument("--tts-voices", type=_csv(str), default=None,
+                   help="comma-separated voices (default: espeak-ng en-us; kokoro af_heart)")
+    p.add_argument("--tts-speeds", type=_csv(_number), default=None,
+                   help="comma-separated speeds: espeak-ng words per minute (default 160), kokoro factors (1.0)")
     p.add_argument("--tts-pitches", type=_csv(int), default=[50], help="comma-separated pitches 0..99")
     p.add_argument("--tts-noise-snr-db", type=_csv(float), default=[],
                    help="comma-separated signal-to-noise ratios (dB) of white noise cycled over texts; default clean")
     p.add_argument("--tts-command", default="", help="command backend template, e.g. 'say -o {wav} {text}'")
+    p.add_argument("--tts-long-lived", action="store_true",
+                   help="command backend: one synthesizer process per worker, one JSON request per line on stdin")
+    p.add_argument("--tts-model-path", default="",
+                   help="kokoro: a local folder with config.json, the weights (*.pth) and voices/<voice>.pt")
+    p.add_argument("--tts-device", default="auto", help="kokoro: auto (a GPU when there is one), cpu, cuda, cuda:N")
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--shard-size-mb", type=float, default=256.0, help="roll to a new shard at this size")
     p.add_argument("--max-seconds", type=float, default=None, help="reject longer segments")
@@ -493,7 +505,9 @@ def parse_args(argv: list[str] | None = None) -> BuildConfig:
             p.error(f"--{name.replace('_', '-')} must be positive, got {value}")
     try:
         tts = TTSConfig(backend=a.tts, voices=a.tts_voices, speeds=a.tts_speeds, pitches=a.tts_pitches,
-                        noise_snr_db=a.tts_noise_snr_db, command=shlex.split(a.tts_command)) if a.tts else None
+                        noise_snr_db=a.tts_noise_snr_db, command=shlex.split(a.tts_command),
+                        long_lived=a.tts_long_lived, model_path=a.tts_model_path,
+                        device=a.tts_device) if a.tts else None
     except ValueError as exc:
         p.error(f"--tts: {exc}")
     return BuildConfig(input=a.input, out=a.out, sr=a.sr, format=a.format, audio_root=a.audio_root, tts=tts,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from shards.build import main, make_plan
+from shards.build import main, make_plan, parse_args
 from shards.format import read_index, read_shard, shard_urls
 from shards.sources import Record
 
@@ -368,3 +368,20 @@ def test_a_build_split_across_ranks_equals_the_whole_build(tmp_path):
     assert split["seconds"] == pytest.approx(full["seconds"], abs=0.01)   # sums of per-shard rounded seconds
     assert not (tmp_path / "split" / PARTS_DIR).exists()
     assert synthesize_documents(docs, tmp_path / "split", *args, seed=3, part=(1, 2)) == tmp_path / "split"  # done
+
+
+def test_the_command_line_reaches_every_tts_backend(tmp_path):
+    """--tts kokoro and the long-lived command backend are reachable without a YAML; speeds keep their kind."""
+    base = ["--input", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "out")]
+    kokoro = parse_args([*base, "--tts", "kokoro", "--tts-model-path", "/models/Kokoro-82M", "--tts-speeds", "0.9,1.1",
+                         "--tts-device", "cuda:1"]).tts
+    assert (kokoro.backend, kokoro.voices, kokoro.speeds, kokoro.model_path, kokoro.device) == (
+        "kokoro", ["af_heart"], [0.9, 1.1], "/models/Kokoro-82M", "cuda:1")
+    espeak = parse_args([*base, "--tts", "espeak-ng", "--tts-speeds", "140,180"]).tts
+    assert (espeak.voices, espeak.speeds) == (["en-us"], [140, 180]) and all(type(s) is int for s in espeak.speeds)
+    served = parse_args([*base, "--tts", "command", "--tts-command", "my-tts --serve", "--tts-long-lived"]).tts
+    assert served.long_lived and served.command == ["my-tts", "--serve"]
+    with pytest.raises(SystemExit):   # a long-lived synthesizer gets its texts on stdin, not as {text}
+        parse_args([*base, "--tts", "command", "--tts-command", "my-tts {text} {wav}", "--tts-long-lived"])
+    with pytest.raises(SystemExit):   # kokoro needs its weights' folder
+        parse_args([*base, "--tts", "kokoro"])
