@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from config import ConfigError
+from model.card import markdown_table, percent
 from shards.format import atomic_write_bytes, atomic_write_json
 from train.layout import RunFolder
 
@@ -131,13 +132,9 @@ def m_fit(report: dict) -> dict | None:
             "intercept": float(intercept), "points": len(points)}
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
-
-
 def _with_ci(result: dict, name: str) -> str:
     lo, hi = result["ci95"][name]
-    return f"{_pct(result[name])} [{_pct(lo)}, {_pct(hi)}]"
+    return f"{percent(result[name])} [{percent(lo)}, {percent(hi)}]"
 
 
 def _diag(x: float | None) -> str:
@@ -151,14 +148,14 @@ def task_rows(report: dict) -> list[list[str]]:
     for r in report["rounds"]:
         cascade = r.get("cascade") or {}
         for name, t in r["tasks"].items():
-            rows.append([str(r["round"]), name, str(t["n"]), _pct(t["teacher_text"]), _pct(t["student_text"]),
-                         _pct(t["student_speech"]), _with_ci(t, "gap"), _with_ci(t, "text_gap"),
-                         _pct(cascade[name]) if name in cascade else "—"])
+            rows.append([str(r["round"]), name, str(t["n"]), percent(t["teacher_text"]), percent(t["student_text"]),
+                         percent(t["student_speech"]), _with_ci(t, "gap"), _with_ci(t, "text_gap"),
+                         percent(cascade[name]) if name in cascade else "—"])
         avg = r["average"]
         mean_cascade = [cascade[n] for n in r["tasks"] if n in cascade]
         rows.append([str(r["round"]), "average", str(sum(t["n"] for t in r["tasks"].values())),
-                     *(_pct(avg[k]) for k in MEASURES),
-                     _pct(sum(mean_cascade) / len(mean_cascade)) if len(mean_cascade) == len(r["tasks"]) else "—"])
+                     *(percent(avg[k]) for k in MEASURES),
+                     percent(sum(mean_cascade) / len(mean_cascade)) if len(mean_cascade) == len(r["tasks"]) else "—"])
     return rows
 
 
@@ -170,19 +167,14 @@ def coverage_rows(report: dict) -> list[list[str]]:
     rows = []
     for name, t in first["tasks"].items():
         end = last["tasks"].get(name, {})
-        rows.append([name, "—" if name not in coverage else _pct(coverage[name]), _pct(t["gap"]), _diag(t.get("M")),
-                     _pct(end["gap"]) if end else "—", _diag(end.get("M"))])
+        rows.append([name, "—" if name not in coverage else percent(coverage[name]), percent(t["gap"]),
+                     _diag(t.get("M")), percent(end["gap"]) if end else "—", _diag(end.get("M"))])
     return rows
 
 
 def diag_rows(report: dict) -> list[list[str]]:
-    return [[str(r["round"]), _diag(r["M"]), _diag(r["F"]), _pct(r["average"]["student_speech"]),
-             _pct(r["average"]["gap"])] for r in report["rounds"]]
-
-
-def _md_table(header: tuple[str, ...], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return [[str(r["round"]), _diag(r["M"]), _diag(r["F"]), percent(r["average"]["student_speech"]),
+             percent(r["average"]["gap"])] for r in report["rounds"]]
 
 
 def markdown(report: dict, name: str) -> str:
@@ -194,21 +186,21 @@ def markdown(report: dict, name: str) -> str:
         "Accuracy in %, gaps in accuracy points. gap = teacher text - student speech; text gap = teacher text - "
         "student text. 95% intervals: paired bootstrap over items. average: mean over tasks (n: their sum).",
         "",
-        _md_table(TASK_HEADER, task_rows(report)),
+        markdown_table(TASK_HEADER, task_rows(report)),
         "",
         "## Diagnostics",
         "",
         "M (misalignment) = KL(student on text || student on speech); F (forgetting) = KL(teacher || student) "
         "on held-out text; — where the round had no held-out set.",
         "",
-        _md_table(DIAG_HEADER, diag_rows(report)),
+        markdown_table(DIAG_HEADER, diag_rows(report)),
         "",
         "## Per task: natural-speech coverage, gap and M",
         "",
         "coverage: the share of the natural speech that speaks the task's domain (eval.coverage). M per task: "
         "KL(student after the text prompt || after the spoken prompt) over the right answer's tokens.",
         "",
-        _md_table(coverage_header(first, last), coverage_rows(report)),
+        markdown_table(coverage_header(first, last), coverage_rows(report)),
         "",
         *([f"M predicts speech accuracy: R^2 = {fit['r2']:.3f} over {fit['points']} task-rounds "
            f"(slope {100 * fit['slope']:.1f} points per nat).", ""] if fit else []),

@@ -24,11 +24,12 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _pct(x: float) -> str:
+def percent(x: float) -> str:
+    """A share as a percentage with one decimal, as every table of the reports and the card prints it."""
     return f"{100 * x:.1f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -54,7 +55,7 @@ def model_section(config: dict, experiment: dict) -> str:
             ["adapter (`speech.safetensors`)", _fields(config.get("adapter") or {})],
             ["input layout", "`[bos] prompt [begin] speech vectors [end]`, then the text it continues"
              + ("" if (config.get("adapter") or {}).get("end_marker", True) else " (no `[end]`)")]]
-    return "## Model\n\n" + _table(["part", "what"], rows)
+    return "## Model\n\n" + markdown_table(["part", "what"], rows)
 
 
 USAGE = '''## Use
@@ -86,11 +87,11 @@ def data_section(experiment: dict, data_mix: dict | None) -> str:
     plays = (data_mix or {}).get("plays") or {}
     speech = shares or {s["path"]: s.get("weight", 1.0) / sum(t.get("weight", 1.0) for t in data["speech"])
                         for s in data.get("speech", [])}
-    rows = [["speech", f"`{p}`", _pct(v) + "% of speech documents"
+    rows = [["speech", f"`{p}`", percent(v) + "% of speech documents"
              + (f", each heard {plays[p]:.2g}x" if plays.get(p) is not None else "")] for p, v in speech.items()]
     rows += [["text", f"`{t['path']}`", f"weight {t.get('weight', 1.0)}"] for t in data.get("text", [])]
-    return ("## Training data\n\n" + _table(["kind", "shard set", "share"], rows)
-            + f"\n\nText-only micro-batches: {_pct(data.get('text_ratio', 0.0))}%.")
+    return ("## Training data\n\n" + markdown_table(["kind", "shard set", "share"], rows)
+            + f"\n\nText-only micro-batches: {percent(data.get('text_ratio', 0.0))}%.")
 
 
 def config_section(experiment: dict) -> str:
@@ -107,18 +108,18 @@ def eval_section(evaluation: dict | None) -> str:
         return ("## Evaluation\n\nNot evaluated yet: `python -m eval --config CONFIG --round R`, then "
                 "`python -m model.card path/to/export` adds the table here.")
     tasks = evaluation.get("tasks", {})
-    rows = [[name, str(t.get("n", "")), _pct(t["teacher_text"]), _pct(t["student_text"]),
-             _pct(t["student_speech"]), _pct(t["gap"]), f"{t['M']:.4g}" if "M" in t else "—"]
+    rows = [[name, str(t.get("n", "")), percent(t["teacher_text"]), percent(t["student_text"]),
+             percent(t["student_speech"]), percent(t["gap"]), f"{t['M']:.4g}" if "M" in t else "—"]
             for name, t in tasks.items()]
     if tasks:
         mean = {k: sum(t[k] for t in tasks.values()) / len(tasks)
                 for k in ("teacher_text", "student_text", "student_speech", "gap")}
         rows.append(["**average**", str(sum(t.get("n", 0) for t in tasks.values())),
-                     *(_pct(mean[k]) for k in ("teacher_text", "student_text", "student_speech", "gap")), ""])
+                     *(percent(mean[k]) for k in ("teacher_text", "student_text", "student_speech", "gap")), ""])
     header = ["task", "items", "teacher text", "student text", "student speech", "gap (points)", "M"]
     extra = ", ".join(f"{k} {evaluation[k]:.4g}" for k in ("M", "F") if evaluation.get(k) is not None)
     return ("## Evaluation\n\nAccuracy in %, k-shot, the gap = teacher on text - student on speech "
-            "(`eval.json` beside this export).\n\n" + _table(header, rows)
+            "(`eval.json` beside this export).\n\n" + markdown_table(header, rows)
             + (f"\n\nHeld-out {extra}." if extra else ""))
 
 
