@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchaudio
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformers import (
@@ -53,6 +52,7 @@ from model.adapter import Adapter, AdapterConfig
 from model.encoder import EncoderConfig, build_encoder
 from model.inputs import SPEECH, TEXT, Document, Span
 from model.speech_lm import AdapterOutput, SpeechLM
+from shards.format import resample
 
 MODEL_TYPE = "salad_speech_lm"
 LLM_DIR, ENCODER_DIR, SPEECH_WEIGHTS = "llm", "encoder", "speech.safetensors"
@@ -97,13 +97,6 @@ def encoder_config(config: SpeechLMConfig, folder: Path | None = None) -> Encode
     if cfg.path and folder is not None:
         cfg.path = str(folder / cfg.path)
     return cfg
-
-
-def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """``wave`` at ``rate`` Hz as ``target`` Hz (itself when they agree): the encoder reads its own rate only."""
-    if rate == target:
-        return wave
-    return torchaudio.functional.resample(torch.from_numpy(wave), rate, target).numpy()
 
 
 class SpeechLMFeatureExtractor(SequenceFeatureExtractor):

@@ -22,7 +22,8 @@ import soundfile as sf
 import torch
 
 from model.build import DTYPES
-from model.hf import SpeechLMForCausalLM, SpeechLMProcessor, resample
+from model.hf import SpeechLMForCausalLM, SpeechLMProcessor
+from shards.format import resample
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:

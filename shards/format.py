@@ -224,3 +224,14 @@ def shard_urls(folder: str | Path) -> list[str]:
         urls.append(url if ("://" in url or url.startswith("pipe:") or os.path.isabs(url))
                     else str((folder / url).resolve()))
     return urls
+
+
+def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``wave`` at ``rate`` Hz as ``target`` Hz (itself when they agree): shards, encoders and inference each read
+    one rate. torchaudio is imported here only, so reading shards does not load it."""
+    if rate == target:
+        return wave
+    import torch
+    import torchaudio
+
+    return torchaudio.functional.resample(torch.from_numpy(wave), rate, target).numpy()

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
+
+from shards.format import resample
 
 FORMATS = ("manifest", "librispeech", "lhotse", "emilia", "parquet", "text")
 TEXT_FORMATS = ("text", "parquet")  # no audio: spoken by --tts, or text-only shards
@@ -218,9 +218,7 @@ def load_audio(rec: Record, sr: int, max_seconds: float | None) -> np.ndarray:
     """The record's span as float32 mono at ``sr``; raises Rejected when the audio is unusable."""
     audio, native = _cut_audio(rec.cut, max_seconds) if rec.cut is not None else _file_audio(rec, max_seconds)
     check_audio(audio, native, max_seconds)
-    if native != sr:
-        audio = torchaudio.functional.resample(torch.from_numpy(audio), native, sr).numpy()
-    return audio
+    return resample(audio, native, sr)
 
 
 def _file_audio(rec: Record, max_seconds: float | None) -> tuple[np.ndarray, int]:

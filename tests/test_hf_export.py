@@ -16,8 +16,9 @@ from config import to_dict
 from model.build import load_export
 from model.card import main as card_main
 from model.card import write_model_card
-from model.hf import AUTO_MAP, LEGACY_CONFIG, MODEL_TYPE, PROJECT_PACKAGES, code_files, resample
+from model.hf import AUTO_MAP, LEGACY_CONFIG, MODEL_TYPE, PROJECT_PACKAGES, code_files
 from model.infer import generate_ids, read_audio
+from shards.format import resample
 from tests.test_infer import PROMPT, export_dir, loaded, wav, wav2, wave  # noqa: F401 (fixtures)
 from tests.test_train import REPO, env
 

@@ -9,9 +9,9 @@ import soundfile as sf
 import torch
 
 from eval.mcq import LM
-from model.hf import resample
 from model.infer import generate, generate_ids, load, main, read_audio
 from model.speech_lm import BEGIN, END
+from shards.format import resample
 from tests.test_train import REPO, env
 
 FILE_RATE = 22050   # not the encoder's 16 kHz: the CLI resamples
