@@ -29,7 +29,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from eval.report import ReportError, _md_table, _pct, build_report
+from eval.report import ReportError, build_report
+from model.card import markdown_table, percent
 from shards.format import atomic_write_bytes, atomic_write_json
 from train.layout import RunFolder
 
@@ -194,7 +195,7 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
 
 def _cell(stat: dict) -> str:
     lo, hi = stat["ci95"]
-    return f"{_pct(stat['mean'])} [{_pct(lo)}, {_pct(hi)}]"
+    return f"{percent(stat['mean'])} [{percent(lo)}, {percent(hi)}]"
 
 
 def table_rows(result: dict, measure: str) -> tuple[tuple[str, ...], list[list[str]]]:
@@ -244,7 +245,7 @@ def markdown(result: dict) -> str:
     lines = [f"# Ablation after round {result['round']}: active vs uniform selection vs natural speech only", "",
              "stage I: round 0, shared by the variants of a seed. " + _seeds_note(result), ""]
     for title, header, rows in sections(result):
-        lines += [f"## {title}", "", _md_table(header, rows), ""]
+        lines += [f"## {title}", "", markdown_table(header, rows), ""]
     return "\n".join(lines)
 
 
