@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +148,18 @@ def _row(pools: dict[str, list[list[int]]], p: np.ndarray, length: int, bos: int
 def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: int = 32, seq_len: int = 128,
                   lr: float = 4e-3, weights: dict[str, float] | None = None, pool: int = 2000, seed: int = 0,
                   chain: float = 0.3, hidden: int = 128, layers: int = 4, heads: int = 4, progress: bool = True,
-                  tokenizer: str = "word"):
+                  tokenizer: str = "word", check: Callable | None = None, target: float = 0.0,
+                  top_up_steps: int = 150, max_top_ups: int = 4):
     """Train the teacher and save it (``save_pretrained``, with its tokenizer) to ``out_dir``.
 
     Returns ``(model, tokenizer, info)``; ``info`` (also saved as train_info.json) holds the loss curve and
     the wall time. AdamW with linear warmup (5%) and cosine decay to 10% of ``lr``. ``tokenizer``: ``word`` (one
     token per word) or ``bpe`` (``bpe_tokenizer``).
+
+    ``check(model, tokenizer)`` -> accuracy per domain: while its minimum is below ``target``, training goes on at
+    the final learning rate, ``top_up_steps`` at a time, at most ``max_top_ups`` times (``info``: ``accuracy``,
+    ``top_ups``). Float kernels differ between CPUs: the same 600 steps gave opposites 0.958 on an AMD EPYC and
+    0.903 on an Intel Xeon, and the toy's teacher has to meet its text target on any of them.
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -180,28 +187,43 @@ def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: in
     schedule = lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + np.cos(np.pi * s / steps)))  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses = []
-    model.train()
     columns = [TextColumn("teacher"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]}"),
                TimeElapsedColumn()]
-    with Progress(*columns, disable=not progress, transient=True) as bar:
-        job = bar.add_task("train", total=steps, loss="-")
-        for _ in range(steps):
-            ids, positions = torch.tensor([_row(pools, p, seq_len, tokenizer.bos_token_id, chain, rng)
-                                           for _k in range(batch)]).unbind(1)
-            labels = ids.masked_fill(positions == 0, -100)     # a document's <s> is not predicted
-            loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(round(loss.item(), 4))
-            bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
-    model.eval()
+
+    def train(n: int, scheduled: bool) -> None:
+        """``n`` steps; on the schedule, or at the learning rate it ended with."""
+        model.train()
+        with Progress(*columns, disable=not progress, transient=True) as bar:
+            job = bar.add_task("train", total=n, loss="-")
+            for _ in range(n):
+                ids, positions = torch.tensor([_row(pools, p, seq_len, tokenizer.bos_token_id, chain, rng)
+                                               for _k in range(batch)]).unbind(1)
+                labels = ids.masked_fill(positions == 0, -100)     # a document's <s> is not predicted
+                loss = model(input_ids=ids, position_ids=positions, labels=labels, use_cache=False).loss
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                if scheduled:
+                    sched.step()
+                losses.append(round(loss.item(), 4))
+                bar.update(job, advance=1, loss=f"{np.mean(losses[-20:]):.3f}")
+        model.eval()
+
+    train(steps, scheduled=True)
+    accuracy, top_ups = (check(model, tokenizer) if check else None), 0
+    while accuracy is not None and min(accuracy.values()) < target and top_ups < max_top_ups:
+        weakest = min(accuracy, key=accuracy.get)
+        print(f"teacher: {weakest} {accuracy[weakest]:.3f} < {target}: {top_up_steps} more steps at the final "
+              f"learning rate (top-up {top_ups + 1} of at most {max_top_ups})", file=sys.stderr)
+        train(top_up_steps, scheduled=False)
+        accuracy, top_ups = check(model, tokenizer), top_ups + 1
     info = {"world_seed": world.seed, "seed": seed, "tokenizer": kind, "vocab": len(tokenizer),
             "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
             "weights": weights, "params": sum(t.numel() for t in model.parameters()),
-            "wall_s": round(time.time() - start, 1), "threads": torch.get_num_threads(), "losses": losses}
+            "wall_s": round(time.time() - start, 1), "threads": torch.get_num_threads(), "losses": losses,
+            "accuracy": accuracy, "target": target if check else None, "top_ups": top_ups,
+            "top_up_steps": top_up_steps}
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
     (tmp / "train_info.json").write_text(json.dumps(info))
