@@ -92,6 +92,7 @@ def build_teacher(world: World, out: Path, sizes: Sizes, workers: int) -> None:
 
     tmp = out.with_name(out.name + ".train")
     shutil.rmtree(tmp, ignore_errors=True)
+
     def check(model, tokenizer) -> dict[str, float]:
         return domain_accuracy(world, model, tokenizer, sizes.bench_items, shots=0, seed=0)
 
