@@ -6,6 +6,8 @@ Reads every ``runs/<name>/round-R/eval.json`` (written by ``python -m eval``) an
 ``round-R/selection/allocation.json``, and writes, in ``runs/<name>/``: ``report.json``, ``report.md``,
 ``gap_per_task.png``, ``diagnostics.png``, and where eval.json has each task's M ``m_vs_speech.png`` (with the R^2 of
 a line fitted through every task and round, the paper's test of M), where selection ran ``selection_share.png``.
+Where eval.json has the cascade, ``report.json``'s ``cascade_fit`` says how far the student's spoken answers are
+from its own transcript read by the teacher: the part of the gap that is recognition, not alignment.
 """
 
 from __future__ import annotations
@@ -106,8 +108,8 @@ def build_report(run_dir: Path) -> dict:
             entry["selection"] = json.loads(allocation.read_text())
         rounds.append(entry | {k: v for k, v in data.items() if k not in entry} | {"average": average(data["tasks"])})
     report = {"rounds": rounds}
-    fit = m_fit(report)
-    return report | ({"M_fit": fit} if fit else {})
+    fits = {"M_fit": m_fit(report), "cascade_fit": cascade_fit(report)}
+    return report | {key: fit for key, fit in fits.items() if fit}
 
 
 def m_points(report: dict) -> list[tuple[int, str, float, float]]:
@@ -116,20 +118,32 @@ def m_points(report: dict) -> list[tuple[int, str, float, float]]:
             for name, t in r["tasks"].items() if isinstance(t.get("M"), int | float)]
 
 
-def m_fit(report: dict) -> dict | None:
-    """Least-squares line of speech accuracy on M over every task and round, and its R^2 (None: < 3 points)."""
-    points = m_points(report)
-    if len(points) < 3:
-        return None
-    x = np.array([p[2] for p in points])
-    y = np.array([p[3] for p in points])
-    if np.ptp(x) == 0:
+def line_fit(x: np.ndarray, y: np.ndarray) -> dict | None:
+    """Least-squares line of y on x and its R^2 (None: fewer than 3 points, or x constant)."""
+    if len(x) < 3 or np.ptp(x) == 0:
         return None
     slope, intercept = np.polyfit(x, y, 1)
     residual = ((y - (slope * x + intercept)) ** 2).sum()
     total = ((y - y.mean()) ** 2).sum()
     return {"r2": float(1 - residual / total) if total > 0 else 1.0, "slope": float(slope),
-            "intercept": float(intercept), "points": len(points)}
+            "intercept": float(intercept), "points": len(x)}
+
+
+def m_fit(report: dict) -> dict | None:
+    """Speech accuracy on M over every task and round: how well misalignment predicts the spoken answers."""
+    points = m_points(report)
+    return line_fit(np.array([p[2] for p in points]), np.array([p[3] for p in points]))
+
+
+def cascade_fit(report: dict) -> dict | None:
+    """Speech accuracy on the cascade's (the teacher reading the student's own transcript) over every task and
+    round, with the mean of speech - cascade: near 0 and R^2 near 1 say the student answers as well as it hears,
+    so what remains of its gap is recognition, which alignment cannot close."""
+    points = [(float(r["cascade"][name]), float(t["student_speech"])) for r in report["rounds"]
+              for name, t in r["tasks"].items() if isinstance(r.get("cascade"), dict) and name in r["cascade"]]
+    x, y = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+    fit = line_fit(x, y)
+    return fit | {"mean_difference": float((y - x).mean())} if fit else None
 
 
 def _with_ci(result: dict, name: str) -> str:
@@ -204,6 +218,7 @@ def markdown(report: dict, name: str) -> str:
         "",
         *([f"M predicts speech accuracy: R^2 = {fit['r2']:.3f} over {fit['points']} task-rounds "
            f"(slope {100 * fit['slope']:.1f} points per nat).", ""] if fit else []),
+        *([cascade_sentence(report["cascade_fit"]), ""] if report.get("cascade_fit") else []),
         "![gap per task](gap_per_task.png)",
         "",
         "![M and F](diagnostics.png)",
@@ -326,6 +341,12 @@ def render(report: dict, run_dir: Path) -> list[Path]:
     return [run_dir / "report.json", *(run_dir / name for name in files)]
 
 
+def cascade_sentence(fit: dict) -> str:
+    return (f"Student speech against the cascade (the teacher reading the student's transcript): "
+            f"{100 * fit['mean_difference']:+.1f} points on average, R^2 = {fit['r2']:.3f} over {fit['points']} "
+            f"task-rounds.")
+
+
 def print_report(report: dict, console: Console | None = None) -> None:
     """The report's two tables; into a log (not a terminal) 150 columns wide so that rows do not wrap."""
     console = console or Console(width=None if sys.stdout.isatty() else 150)
@@ -344,6 +365,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
         fit = report["M_fit"]
         console.print(f"M predicts speech accuracy across tasks and rounds: R^2 = {fit['r2']:.3f} "
                       f"({fit['points']} points)")
+    if report.get("cascade_fit"):
+        console.print(cascade_sentence(report["cascade_fit"]))
 
 
 def main(argv: list[str] | None = None) -> int:

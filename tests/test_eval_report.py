@@ -185,6 +185,28 @@ def test_report_fits_m_to_speech_and_shows_coverage_and_selection(tmp_path):
     assert report["rounds"][1]["selection"]["clusters"] == clusters and "selection" not in report["rounds"][0]
 
 
+def test_report_fits_speech_to_the_cascade(tmp_path):
+    """cascade_fit: speech accuracy on the cascade's over every task and round, with the mean of speech - cascade;
+    a round without the cascade adds no points, and fewer than 3 points give no fit."""
+    rounds = copy.deepcopy({0: ROUNDS[0], 1: ROUNDS[10]})
+    rounds[0]["cascade"] = {"arc": 0.60, "piqa": 0.80}
+    rounds[1]["cascade"] = {"arc": 0.70, "piqa": 0.50}
+    write_rounds(tmp_path, rounds)
+    report = build_report(tmp_path)
+    x = np.array([0.60, 0.80, 0.70, 0.50])
+    y = np.array([t["student_speech"] for r in (rounds[0], rounds[1]) for t in r["tasks"].values()])
+    fit = report["cascade_fit"]
+    assert fit["points"] == 4 and fit["mean_difference"] == pytest.approx((y - x).mean())
+    assert fit["slope"] == pytest.approx(np.polyfit(x, y, 1)[0])
+    assert fit["r2"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
+    render(report, tmp_path)
+    assert f"{100 * fit['mean_difference']:+.1f} points on average, R^2 = {fit['r2']:.3f} over 4 task-rounds" in (
+        tmp_path / "report.md").read_text()
+    del rounds[1]["cascade"]
+    write_rounds(tmp_path / "without", rounds)
+    assert "cascade_fit" not in build_report(tmp_path / "without")
+
+
 def test_eval_reads_the_coverage_of_its_tasks_and_names_a_bad_file(tmp_path):
     from eval.__main__ import read_coverage
 
