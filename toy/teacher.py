@@ -153,8 +153,8 @@ def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: in
     """Train the teacher and save it (``save_pretrained``, with its tokenizer) to ``out_dir``.
 
     Returns ``(model, tokenizer, info)``; ``info`` (also saved as train_info.json) holds the loss curve and
-    the wall time (the checks' included). AdamW with linear warmup (5%) and cosine decay to 10% of ``lr``. ``tokenizer``: ``word`` (one
-    token per word) or ``bpe`` (``bpe_tokenizer``).
+    the wall time (the checks' included). AdamW with linear warmup (5%) and cosine decay to 10% of ``lr``.
+    ``tokenizer``: ``word`` (one token per word) or ``bpe`` (``bpe_tokenizer``).
 
     ``check(model, tokenizer)`` -> accuracy per domain: while its minimum is below ``target``, training goes on at
     the final learning rate, ``top_up_steps`` at a time, at most ``max_top_ups`` times (``info``: ``accuracy``,
