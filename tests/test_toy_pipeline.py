@@ -81,11 +81,12 @@ def heard_errors(run: Path, pool: Path, out: Path) -> dict[str, dict[int, np.nda
     others = np.random.default_rng(0).choice(sorted(set(range(len(texts))) - picked), 3 * len(picked), replace=False)
     sets = {"selected": sorted(picked), "other": sorted(int(i) for i in others)}
     docs = [(f"text-{i}", texts[i]) for i in sets["selected"] + sets["other"]]
-    audio = {voice: load_spoken(synthesize_texts(docs, out / voice, TTSConfig(voices=[voice]), 16000, workers=2))
+    students = {r: load_export(run / f"round-{r}" / "export") for r in (0, 1)}
+    rate = students[0][0].encoder.sample_rate
+    audio = {voice: load_spoken(synthesize_texts(docs, out / voice, TTSConfig(voices=[voice]), rate, workers=2))
              for voice in UNSEEN_VOICES}
     errors = {name: {} for name in sets}
-    for r in (0, 1):
-        student, tokenizer = load_export(run / f"round-{r}" / "export")
+    for r, (student, tokenizer) in students.items():
         per_text = {key: np.zeros(2) for key, _ in docs}
         for spoken in audio.values():
             heard = transcribe_contexts(student, tokenizer, encode_contexts(student, spoken, sorted(spoken)))
