@@ -16,8 +16,10 @@ from toy.build import (
     build,
     build_lock,
     build_pool,
+    main,
     part_stamp,
     read_stamps,
+    sizes_with,
     stale_parts,
 )
 from toy.world import DOMAINS, STORY_DOMAINS, World
@@ -98,3 +100,19 @@ def test_a_second_build_of_the_same_folder_waits_for_the_first(tmp_path):
     second.join(10)
     assert not second.is_alive()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*PART_SIZES, "assets.json", ".build.lock"])
+
+
+def test_a_build_takes_size_settings_by_name_and_refuses_bad_ones(capsys):
+    """``--set KEY=VALUE`` changes one ``Sizes`` field, read as that field's type, and only that part goes stale;
+    an unknown field, a value of the wrong type or a negative count stops the build with the reason."""
+    sizes = sizes_with("full", ["encoder_steps=1500", "teacher_target=0.9", "tokenizer=bpe"])
+    assert (sizes.encoder_steps, sizes.teacher_target, sizes.tokenizer) == (1500, 0.9, "bpe")
+    assert sizes.natural_docs == SIZES["full"].natural_docs
+    assert sizes_with("reduced", []) == SIZES["reduced"]
+    for bad, reason in [("encoder_step=1500", "KEY one of"), ("encoder_steps=1.5", "takes a whole number"),
+                        ("encoder_steps", "KEY=VALUE"), ("pool_texts=-1", "must be >= 0")]:
+        with pytest.raises(ValueError, match=reason):
+            sizes_with("full", [bad])
+    with pytest.raises(SystemExit):
+        main(["--out", "unused", "--set", "encoder_steps=many"])
+    assert "encoder_steps takes a whole number" in capsys.readouterr().err

@@ -1,6 +1,8 @@
 """Assets of the toy default (configs/toy.yaml), built on first use, offline, and reused afterwards.
 
     python -m toy.build [--out assets/toy] [--world-seed 0] [--size full|reduced] [--workers 2] [--tokenizer bpe]
+                        [--set KEY=VALUE ...]   (a ``Sizes`` field, e.g. encoder_steps=1500; another --out keeps
+                                                 the default's assets, which ./run.sh rebuilds to its sizes)
 
 Parts, each built when missing or stale (other sizes or world seed, or an older builder: ``assets.json`` keeps
 the stamp of every part), and written under a temporary name first (a killed build resumes):
@@ -184,9 +186,31 @@ def build_bench(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     tmp.rename(out)
 
 
-def build(out: Path, world_seed: int = 0, size: str = "full", workers: int = 2, tokenizer: str | None = None) -> None:
+KIND_NAMES = {int: "a whole number", float: "a number", str: "a word"}
+
+
+def sizes_with(size: str, settings: list[str]) -> Sizes:
+    """The named size with ``KEY=VALUE`` settings of its fields (``--set encoder_steps=1500``), each read as the
+    field's type: a lever is measured on assets built into another folder, without editing the code."""
+    base = SIZES[size]
+    kinds = {f.name: type(getattr(base, f.name)) for f in fields(Sizes)}
+    changes: dict[str, int | float | str] = {}
+    for item in settings:
+        key, sep, text = item.partition("=")
+        if not sep or key not in kinds:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
+        try:
+            value = kinds[key](text)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {key} takes {KIND_NAMES[kinds[key]]}") from None
+        if isinstance(value, int | float) and value < 0:
+            raise ValueError(f"--set {item!r}: {key} must be >= 0")
+        changes[key] = value
+    return replace(base, **changes)
+
+
+def build(out: Path, world_seed: int = 0, sizes: Sizes = SIZES["full"], workers: int = 2) -> None:
     """Build every missing or stale part of the toy assets into ``out`` (see the module docstring)."""
-    sizes = SIZES[size] if tokenizer is None else replace(SIZES[size], tokenizer=tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     with build_lock(out):
         _build_locked(out, world_seed, sizes, workers)
@@ -300,8 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="synthesis processes")
     parser.add_argument("--tokenizer", choices=("word", "bpe"), default=None,
                         help="the teacher's tokenizer (default: the size's, word)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a size field for this build, e.g. encoder_steps=1500 (repeatable; fields: "
+                             + ", ".join(f.name for f in fields(Sizes)) + ")")
     args = parser.parse_args(argv)
-    build(args.out, args.world_seed, args.size, args.workers, args.tokenizer)
+    try:
+        sizes = sizes_with(args.size, args.set + ([f"tokenizer={args.tokenizer}"] if args.tokenizer else []))
+    except ValueError as exc:
+        parser.error(str(exc))
+    build(args.out, args.world_seed, sizes, args.workers)
     return 0
 
 
