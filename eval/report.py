@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from rich.console import Console
@@ -250,8 +251,14 @@ def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_title(title)
 
 
+def task_colour(i: int) -> tuple[float, float, float, float]:
+    """tab10's colours, then tab20's lighter shades of them: 20 tasks before a colour repeats."""
+    return colormaps["tab20"]((2 * i) % 20 + (2 * i) // 20 % 2)
+
+
 def plot_gaps(report: dict) -> bytes:
-    """Gap per task per round with its 95% interval; tasks shifted a little on x so the bars do not overlap."""
+    """Gap per task per round with its 95% interval; tasks shifted a little on x so the bars do not overlap, each
+    in its own colour and marker (more tasks than a 10-colour cycle), the legend beside the axes, off the data."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     rounds = [r["round"] for r in report["rounds"]]
@@ -263,12 +270,12 @@ def plot_gaps(report: dict) -> bytes:
         y = [100 * t["gap"] for _, t in pts]
         err = [[100 * (t["gap"] - t["ci95"]["gap"][0]) for _, t in pts],
                [100 * (t["ci95"]["gap"][1] - t["gap"]) for _, t in pts]]
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+        ax.errorbar(x, y, yerr=err, marker="os^Dv"[i % 5], capsize=3, label=name, color=task_colour(i))
     ax.plot(rounds, [100 * r["average"]["gap"] for r in report["rounds"]], "k--", marker="s", label="average")
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(rounds)
     _label(ax, "round", "gap: teacher text - student speech (accuracy points)", "Text-speech gap per task (95% CI)")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(fig)
 
 
