@@ -334,6 +334,7 @@ def test_teacher_below_its_target_trains_on_until_it_meets_it(world, tmp_path):
     assert calls == [False, False, False]     # measured in eval mode, after each stretch of training
     saved = json.loads((tmp_path / "met" / "train_info.json").read_text())
     assert saved["top_ups"] == 2 and saved["target"] == 0.95
+    assert [(c["steps"], c["accuracy"]["opposites"]) for c in saved["checks"]] == [(4, 0.90), (7, 0.93), (10, 0.96)]
 
     _, _, capped = train_teacher(world, tmp_path / "capped", steps=2, batch=2, seq_len=32, hidden=32, layers=1,
                                  heads=2, progress=False, check=lambda m, t: {"opposites": 0.5}, target=0.95,
@@ -342,3 +343,4 @@ def test_teacher_below_its_target_trains_on_until_it_meets_it(world, tmp_path):
     _, _, unchecked = train_teacher(world, tmp_path / "plain", steps=2, batch=2, seq_len=32, hidden=32, layers=1,
                                     heads=2, progress=False)
     assert unchecked["top_ups"] == 0 and unchecked["accuracy"] is None and len(unchecked["losses"]) == 2
+    assert unchecked["checks"] == []

@@ -104,7 +104,7 @@ def build_teacher(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     accuracy = info["accuracy"]
     atomic_write_json(tmp / "accuracy.json", {"shots": 0, "items": sizes.bench_items, "accuracy": accuracy,
                                                "target": sizes.teacher_target, "top_ups": info["top_ups"],
-                                               "train_seconds": info["wall_s"]})
+                                               "checks": info["checks"], "train_seconds": info["wall_s"]})
     if min(accuracy.values()) < sizes.teacher_target:
         print(f"teacher: WARNING: below its text target {sizes.teacher_target} after {info['top_ups']} top-ups: "
               + ", ".join(f"{d} {a:.3f}" for d, a in accuracy.items() if a < sizes.teacher_target), file=sys.stderr)
