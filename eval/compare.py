@@ -8,8 +8,10 @@ have its last round evaluated at the same round R >= 1 on the same tasks. Prints
 over all tasks and over the tasks not in ``--natural-tasks``, student-speech accuracy and gap at stage I
 (round 0) and after round R for each variant, and the differences active - uniform and active - natural
 on that second average, and the diagnostics that say whether selection reached the student's ears: M and,
-where eval.json has it, the cascade's word error averaged over the same tasks. Writes them to ``PREFIX.json``
-and ``PREFIX.md`` (default ``<runs folder>/ablation``).
+where eval.json has it, the cascade's word error averaged over the same tasks; and where each selection round
+spent its budget: texts chosen, plays per text in its stage II, and the allocation's spread (the number of even
+clusters its entropy equals: 1 is an argmax). Writes them to ``PREFIX.json`` and ``PREFIX.md`` (default
+``<runs folder>/ablation``).
 
 95% intervals: with several seeds, a t interval over seeds (differences paired by seed, since the variants of
 a seed share its stage-I student); with one seed, the item bootstrap intervals of eval.json (an average or a
@@ -54,6 +56,7 @@ class Run:
     stage1: dict[str, dict]   # task -> eval.json results of round 0
     last: dict[str, dict]     # task -> eval.json results of the last round
     diagnostics: tuple[dict, dict]   # round 0's and the last round's M and cascade_wer (task -> error)
+    selection: list[dict]            # per selection round: round, texts, plays per text, effective clusters
 
 
 def t975(df: int) -> float:
@@ -82,7 +85,20 @@ def load_run(path: Path) -> Run:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ReportError(f"{config_path}: seed: must be an integer, got {seed!r}")
     diagnostics = tuple({k: r.get(k) for k in ("M", "cascade_wer")} for r in (rounds[0], last))
-    return Run(path, variant, seed, last["round"], rounds[0]["tasks"], last["tasks"], diagnostics)
+    selection = [selection_summary(RunFolder(path), r) for r in rounds if "selection" in r]
+    return Run(path, variant, seed, last["round"], rounds[0]["tasks"], last["tasks"], diagnostics, selection)
+
+
+def selection_summary(run: RunFolder, report_round: dict) -> dict:
+    """Where one round's selection went: texts, plays per text in that round's stage II (``data_mix.json``'s
+    entry for the round's shards; None where it is missing), and the allocation's effective clusters."""
+    round_, allocation = report_round["round"], report_round["selection"]
+    mix = run.round(round_) / "data_mix.json"
+    plays = json.loads(mix.read_text()).get("plays", {}) if mix.is_file() else {}
+    own = [v for k, v in plays.items() if Path(k).parts[-3:] == (f"round-{round_}", "selection", "shards")]
+    return {"round": round_, "texts": sum(c["texts"] for c in allocation["clusters"]),
+            "plays": own[0] if own else None, "clusters": len(allocation["clusters"]),
+            "effective_clusters": (allocation.get("spread") or {}).get("effective_clusters")}
 
 
 def scope_point(tasks: dict[str, dict], names: list[str], measure: str) -> Point:
@@ -188,9 +204,11 @@ def compare(runs: list[Run], natural_tasks: list[str]) -> dict:
             for name in diagnostics:
                 differences[f"active - {variant}"][name] = over_seeds(
                     [last_diag["active"][s][name] - last_diag[variant][s][name] for s in paired])
+    selection = {v: {str(s): r.selection for s, r in seeds.items()} for v, seeds in by_variant.items()
+                 if any(r.selection for r in seeds.values())}
     return {"round": runs[0].round, "natural_tasks": list(natural_tasks), "scope_of_differences": other_name,
             "runs": {v: {str(s): str(r.path) for s, r in seeds.items()} for v, seeds in by_variant.items()},
-            "table": table, "differences": differences, "diagnostics": diagnostics}
+            "table": table, "differences": differences, "diagnostics": diagnostics, "selection": selection}
 
 
 def _cell(stat: dict) -> str:
@@ -222,6 +240,16 @@ def diagnostic_rows(result: dict) -> tuple[tuple[str, ...], list[list[str]]]:
     return ("diagnostic", *columns), rows
 
 
+def selection_rows(result: dict) -> tuple[tuple[str, ...], list[list[str]]]:
+    def number(value: float | None, digits: int) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    rows = [[variant, seed, str(r["round"]), str(r["texts"]), number(r["plays"], 1),
+             f"{number(r['effective_clusters'], 1)} of {r['clusters']}"]
+            for variant, seeds in result.get("selection", {}).items() for seed, rounds in seeds.items() for r in rounds]
+    return ("variant", "seed", "round", "texts", "plays per text", "effective clusters"), rows
+
+
 def sections(result: dict) -> list[tuple[str, tuple[str, ...], list[list[str]]]]:
     """(title, header, rows) of every table, in the order they are printed."""
     out = [(title, *table_rows(result, m)) for m, title in MEASURES.items()]
@@ -231,6 +259,9 @@ def sections(result: dict) -> list[tuple[str, tuple[str, ...], list[list[str]]]]
         scope = result["scope_of_differences"]
         out.append((f"Diagnostics: M (held-out speech), the cascade's word error on the {scope}",
                     *diagnostic_rows(result)))
+    if result.get("selection"):
+        out.append(("Selection: texts chosen, plays per text in stage II, the allocation's spread",
+                    *selection_rows(result)))
     return out
 
 
@@ -254,7 +285,7 @@ def print_result(result: dict, console: Console | None = None) -> None:
     for title, header, rows in sections(result):
         table = Table(title=title)
         for col in header:
-            table.add_column(col, justify="left" if col in ("task", "contrast", "diagnostic") else "right")
+            table.add_column(col, justify="left" if col in ("task", "contrast", "diagnostic", "variant") else "right")
         for row in rows:
             table.add_row(*row)
         console.print(table)

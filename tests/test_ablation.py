@@ -177,6 +177,40 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert "missing: no round-R/eval.json" in capsys.readouterr().err
 
 
+def test_where_each_selection_round_spent_its_budget(tmp_path):
+    """Beside the result, the allocation's spread: texts, plays per text (that round's shards in its own
+    data_mix.json, whatever the runs folder's path) and effective clusters, per variant, seed and round; a run
+    that selected nothing (natural) has no rows, and a round without data_mix.json shows no plays."""
+    runs = three_seeds(tmp_path)
+    clusters = [{"cluster": 0, "texts": 30}, {"cluster": 1, "texts": 10}, {"cluster": 2, "texts": 0}]
+    for i, run in enumerate(runs):
+        variant = json.loads((run / "round-1" / "config.json").read_text())["selection"]["strategy"]
+        if variant == "natural":
+            continue
+        atomic_write_json(run / "round-1" / "selection" / "allocation.json",
+                          {"strategy": variant, "clusters": clusters, "spread": {"effective_clusters": 1 + i / 4}})
+        if i % 2 == 0:
+            atomic_write_json(run / "round-1" / "data_mix.json",
+                              {"plays": {"assets/speech": 1.0, f"runs/x/{run.name}/round-1/selection/shards": 4.0 + i,
+                                         "runs/x/round-2/selection/shards": 99.0}})
+    result = compare([load_run(p) for p in runs], ["narrative"])
+    assert set(result["selection"]) == {"active", "uniform"}
+    by_run = {str(r.path.name): r for r in map(load_run, runs)}
+    for i, run in enumerate(runs):
+        summary = by_run[run.name].selection
+        if json.loads((run / "round-1" / "config.json").read_text())["selection"]["strategy"] == "natural":
+            assert summary == []
+            continue
+        assert summary == [{"round": 1, "texts": 40, "plays": 4.0 + i if i % 2 == 0 else None, "clusters": 3,
+                            "effective_clusters": 1 + i / 4}]
+    prefix = tmp_path / "out"
+    assert main([*map(str, runs), "--out", str(prefix)]) == 0
+    md = (tmp_path / "out.md").read_text()
+    assert "| variant | seed | round | texts | plays per text | effective clusters |" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| active | ", "| uniform | ")) and " of 3 |" in line]
+    assert len(rows) == 6 and sum("| 40 | - | " in row for row in rows) == 3
+
+
 # ----------------------------------------------------------------------------- ./run.sh ablation
 
 FAKE_LAUNCHER = '''
