@@ -246,7 +246,7 @@ def selection_rows(result: dict) -> tuple[tuple[str, ...], list[list[str]]]:
 
     rows = [[variant, seed, str(r["round"]), str(r["texts"]), number(r["plays"], 1),
              f"{number(r['effective_clusters'], 1)} of {r['clusters']}"]
-            for variant, seeds in result.get("selection", {}).items() for seed, rounds in seeds.items() for r in rounds]
+            for variant, seeds in result["selection"].items() for seed, rounds in seeds.items() for r in rounds]
     return ("variant", "seed", "round", "texts", "plays per text", "effective clusters"), rows
 
 
@@ -259,7 +259,7 @@ def sections(result: dict) -> list[tuple[str, tuple[str, ...], list[list[str]]]]
         scope = result["scope_of_differences"]
         out.append((f"Diagnostics: M (held-out speech), the cascade's word error on the {scope}",
                     *diagnostic_rows(result)))
-    if result.get("selection"):
+    if result["selection"]:
         out.append(("Selection: texts chosen, plays per text in stage II, the allocation's spread",
                     *selection_rows(result)))
     return out

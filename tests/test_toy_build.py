@@ -102,17 +102,23 @@ def test_a_second_build_of_the_same_folder_waits_for_the_first(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*PART_SIZES, "assets.json", ".build.lock"])
 
 
-def test_a_build_takes_size_settings_by_name_and_refuses_bad_ones(capsys):
-    """``--set KEY=VALUE`` changes one ``Sizes`` field, read as that field's type, and only that part goes stale;
-    an unknown field, a value of the wrong type or a negative count stops the build with the reason."""
+def test_a_build_takes_size_settings_by_name_and_refuses_bad_ones(tmp_path, capsys):
+    """``--set KEY=VALUE`` changes one ``Sizes`` field, read and type-checked as a config override, and only that
+    part goes stale; an unknown field, a value of the wrong type or a negative count stops the build with the
+    reason."""
     sizes = sizes_with("full", ["encoder_steps=1500", "teacher_target=0.9", "tokenizer=bpe"])
     assert (sizes.encoder_steps, sizes.teacher_target, sizes.tokenizer) == (1500, 0.9, "bpe")
     assert sizes.natural_docs == SIZES["full"].natural_docs
+    for name in PART_SIZES:
+        (tmp_path / name).mkdir()
+    built = {name: part_stamp(name, 0, SIZES["full"]) for name in PART_SIZES}
+    assert stale_parts(tmp_path, built, 0, sizes) == ["encoder", "llm"]
     assert sizes_with("reduced", []) == SIZES["reduced"]
-    for bad, reason in [("encoder_step=1500", "KEY one of"), ("encoder_steps=1.5", "takes a whole number"),
-                        ("encoder_steps", "KEY=VALUE"), ("pool_texts=-1", "must be >= 0")]:
+    for bad, reason in [("encoder_step=1500", "unknown key"), ("encoder_steps=1.5", "expected an integer"),
+                        ("encoder_steps", "expected key.sub=value"), ("pool_texts=-1", "must be >= 0")]:
         with pytest.raises(ValueError, match=reason):
             sizes_with("full", [bad])
     with pytest.raises(SystemExit):
         main(["--out", "unused", "--set", "encoder_steps=many"])
-    assert "encoder_steps takes a whole number" in capsys.readouterr().err
+    assert "encoder_steps: expected an integer" in capsys.readouterr().err
+

@@ -38,11 +38,12 @@ import shutil
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from config import ConfigError, apply_overrides, from_dict, require
 from toy.coverage import natural_documents, pool_texts, write_coverage
 from toy.world import DOMAINS, World, vocabulary
 
@@ -71,6 +72,11 @@ class Sizes:
     pool_texts: int = 4400
     bench_items: int = 200         # per domain (all a knowledge domain has when fewer)
     tokenizer: str = "word"        # the teacher's: word (one token per word) or bpe (toy.teacher.bpe_tokenizer)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            require(not isinstance(value, int | float) or value >= 0, f.name, f"must be >= 0, got {value}")
 
 
 SIZES = {"full": Sizes(),
@@ -186,27 +192,10 @@ def build_bench(world: World, out: Path, sizes: Sizes, workers: int) -> None:
     tmp.rename(out)
 
 
-KIND_NAMES = {int: "a whole number", float: "a number", str: "a word"}
-
-
 def sizes_with(size: str, settings: list[str]) -> Sizes:
-    """The named size with ``KEY=VALUE`` settings of its fields (``--set encoder_steps=1500``), each read as the
-    field's type: a lever is measured on assets built into another folder, without editing the code."""
-    base = SIZES[size]
-    kinds = {f.name: type(getattr(base, f.name)) for f in fields(Sizes)}
-    changes: dict[str, int | float | str] = {}
-    for item in settings:
-        key, sep, text = item.partition("=")
-        if not sep or key not in kinds:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(kinds)}")
-        try:
-            value = kinds[key](text)
-        except ValueError:
-            raise ValueError(f"--set {item!r}: {key} takes {KIND_NAMES[kinds[key]]}") from None
-        if isinstance(value, int | float) and value < 0:
-            raise ValueError(f"--set {item!r}: {key} must be >= 0")
-        changes[key] = value
-    return replace(base, **changes)
+    """The named size with ``KEY=VALUE`` settings of its fields (``--set encoder_steps=1500``), read and checked
+    as config overrides are: a lever is measured on assets built into another folder, without editing the code."""
+    return from_dict(Sizes, apply_overrides(asdict(SIZES[size]), settings))
 
 
 def build(out: Path, world_seed: int = 0, sizes: Sizes = SIZES["full"], workers: int = 2) -> None:
@@ -330,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         sizes = sizes_with(args.size, args.set + ([f"tokenizer={args.tokenizer}"] if args.tokenizer else []))
-    except ValueError as exc:
-        parser.error(str(exc))
+    except ConfigError as exc:
+        parser.error(f"--set: {exc}")
     build(args.out, args.world_seed, sizes, args.workers)
     return 0
 

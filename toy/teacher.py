@@ -213,15 +213,15 @@ def train_teacher(world: World, out_dir: str | Path, steps: int = 600, batch: in
         model.eval()
 
     train(steps, scheduled=True)
-    accuracy, top_ups = (check(model, tokenizer) if check else None), 0
-    checks = [] if accuracy is None else [{"steps": steps, "accuracy": accuracy}]   # what each top-up answered
-    while accuracy is not None and min(accuracy.values()) < target and top_ups < max_top_ups:
+    checks = [{"steps": steps, "accuracy": check(model, tokenizer)}] if check else []   # one per stretch
+    while checks and min(checks[-1]["accuracy"].values()) < target and len(checks) <= max_top_ups:
+        accuracy = checks[-1]["accuracy"]
         weakest = min(accuracy, key=accuracy.get)
         print(f"teacher: {weakest} {accuracy[weakest]:.3f} < {target}: {top_up_steps} more steps at the final "
-              f"learning rate (top-up {top_ups + 1} of at most {max_top_ups})", file=sys.stderr)
+              f"learning rate (top-up {len(checks)} of at most {max_top_ups})", file=sys.stderr)
         train(top_up_steps, scheduled=False)
-        accuracy, top_ups = check(model, tokenizer), top_ups + 1
-        checks.append({"steps": steps + top_ups * top_up_steps, "accuracy": accuracy})
+        checks.append({"steps": checks[-1]["steps"] + top_up_steps, "accuracy": check(model, tokenizer)})
+    accuracy, top_ups = (checks[-1]["accuracy"] if checks else None), max(len(checks) - 1, 0)
     info = {"world_seed": world.seed, "seed": seed, "tokenizer": kind, "vocab": len(tokenizer),
             "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr,
             "weights": weights, "params": sum(t.numel() for t in model.parameters()),
